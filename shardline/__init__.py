@@ -1,0 +1,47 @@
+"""shardline: asyncio actors over ZeroMQ + msgpack for sharded models.
+
+The import surface is deliberate and small; everything else lives in underscored
+modules. ``import shardline`` never imports torch.
+"""
+
+from ._errors import ActorError as ActorError
+from ._errors import ActorNameTaken as ActorNameTaken
+from ._errors import ActorNotFound as ActorNotFound
+from ._errors import ActorStopped as ActorStopped
+from ._errors import AskTimeout as AskTimeout
+from ._errors import MethodNotFound as MethodNotFound
+from ._errors import NodeLost as NodeLost
+from ._errors import ProtocolError as ProtocolError
+from ._errors import SerializationError as SerializationError
+from ._errors import ShardlineError as ShardlineError
+from ._errors import Unauthorized as Unauthorized
+from ._runtime import run as run
+from ._runtime import to_thread as to_thread
+from ._version import __version__ as __version__
+from .actors import Actor as Actor
+from .actors import ActorRef as ActorRef
+from .actors import Node as Node
+from .actors import StopInfo as StopInfo
+from .actors import StopReason as StopReason
+
+__all__ = [
+    "Actor",
+    "ActorError",
+    "ActorNameTaken",
+    "ActorNotFound",
+    "ActorRef",
+    "ActorStopped",
+    "AskTimeout",
+    "MethodNotFound",
+    "Node",
+    "NodeLost",
+    "ProtocolError",
+    "SerializationError",
+    "ShardlineError",
+    "StopInfo",
+    "StopReason",
+    "Unauthorized",
+    "__version__",
+    "run",
+    "to_thread",
+]

@@ -1,0 +1,346 @@
+"""One live actor: its mailbox, the worker task(s) draining it, and supervision.
+
+The hot path is ``ask`` -> mailbox -> ``_worker`` -> future. It avoids a cancel
+scope and a done-callback per message (each costs as much as the whole round trip);
+a caller that gives up cancels the handler through the worker's asyncio task instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._errors import ActorError, ActorStopped, AskTimeout, MethodNotFound
+from ._actor import Actor, MethodTable, method_table
+from ._lifecycle import OnError, RestartPolicy, StopInfo, StopReason
+
+if TYPE_CHECKING:
+    from ._node import Node
+    from ._ref import ActorRef
+
+__all__ = ["ActorCell", "actor_error"]
+
+log = logging.getLogger("shardline.actors")
+
+# (method, args, kwargs, reply future or None for a tell)
+Message = tuple[str, tuple[Any, ...], dict[str, Any], "asyncio.Future[Any] | None"]
+
+
+def actor_error(exc: BaseException, actor: str) -> ActorError:
+    """Wrap an exception raised inside an actor as the ``ActorError`` its caller sees."""
+    cls = type(exc)
+    type_name = cls.__qualname__ if cls.__module__ == "builtins" else (
+        f"{cls.__module__}.{cls.__qualname__}")
+    tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    err = ActorError(type_name, str(exc), tb, actor)
+    err.__cause__ = exc
+    return err
+
+
+class ActorCell:
+    """Runtime state of one actor on its node. Users hold an ``ActorRef`` instead."""
+
+    def __init__(self, node: Node, ref: ActorRef, cls: type[Actor], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], *, mailbox_size: int, on_error: OnError,
+                 policy: RestartPolicy, stop_timeout: float) -> None:
+        if mailbox_size < 1:
+            raise ValueError(f"mailbox_size must be >= 1, got {mailbox_size}")
+        if on_error not in ("resume", "restart", "stop"):
+            raise ValueError(f"on_error must be 'resume', 'restart' or 'stop', got {on_error!r}")
+        concurrency = cls.max_concurrency
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"{cls.__qualname__}.max_concurrency must be an int >= 1")
+        self.node = node
+        self.ref = ref
+        self.cls = cls
+        self.label = ref.name or f"{cls.__qualname__}#{ref.actor_id}"
+        self._args = args
+        self._kwargs = kwargs
+        self._on_error = on_error
+        self._policy = policy
+        self._stop_timeout = stop_timeout
+        self._concurrency = concurrency
+        self.methods: MethodTable = method_table(cls)
+        self._send: MemoryObjectSendStream[Message]
+        self._recv: MemoryObjectReceiveStream[Message]
+        self._send, self._recv = anyio.create_memory_object_stream[Message](mailbox_size)
+        self._loop = asyncio.get_running_loop()
+        self._instance: Actor | None = None
+        self._closing = False
+        self._stop_info: StopInfo | None = None
+        self._stopped = anyio.Event()
+        self._scope = anyio.CancelScope()
+        self._workers: set[asyncio.Task[Any]] = set()
+        # future of the ask a worker is handling -> that worker; lets a caller that
+        # gave up cancel exactly its own handler.
+        self._running: dict[asyncio.Future[Any], asyncio.Task[Any]] = {}
+        self._abandoned: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build the instance and run ``on_start``; raises ``ActorError`` if either fails."""
+        try:
+            self._instance = self._construct()
+            await self._instance.on_start()
+        except Exception as exc:
+            self._send.close()
+            self._recv.close()
+            raise actor_error(exc, self.label) from exc
+
+    def _construct(self) -> Actor:
+        # __new__ then __init__ so ``self.ref`` / ``self.node`` work inside __init__.
+        instance = self.cls.__new__(self.cls)
+        instance._sl_ref = self.ref
+        instance._sl_node = self.node
+        instance.__init__(*self._args, **self._kwargs)  # type: ignore[misc]
+        return instance
+
+    async def run(self) -> None:
+        """Drain the mailbox until stopped; owned by the node's task group."""
+        try:
+            with self._scope:
+                if self._concurrency == 1:
+                    await self._worker()
+                else:
+                    async with anyio.create_task_group() as tg:
+                        for _ in range(self._concurrency):
+                            tg.start_soon(self._worker)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish()
+
+    async def _finish(self) -> None:
+        self._closing = True
+        self._send.close()
+        self._fail_queued()
+        self._recv.close()
+        reason = self._stop_info or StopInfo(StopReason.STOPPED)
+        if reason.reason is StopReason.STOPPED and self._instance is not None:
+            with anyio.move_on_after(self._stop_timeout) as scope:
+                try:
+                    await self._instance.on_stop()
+                except Exception:
+                    log.exception("on_stop of actor %s raised", self.label)
+            if scope.cancelled_caught:
+                log.error("on_stop of actor %s took over %.1f s; abandoned",
+                          self.label, self._stop_timeout)
+        self._stop_info = reason
+        self.node._forget(self)
+        self._stopped.set()
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                _, _, _, fut = self._recv.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            if fut is not None and not fut.done():
+                fut.set_exception(self._stopped_error())
+
+    def request_stop(self, info: StopInfo | None = None) -> None:
+        """Refuse new messages, fail queued ones; the current message still completes."""
+        if self._stop_info is None and info is not None:
+            self._stop_info = info
+        if not self._closing:
+            self._closing = True
+            # Closing the last send half wakes an idle worker with EndOfStream.
+            self._send.close()
+
+    def cancel(self) -> None:
+        """Stop now, interrupting the message in progress (node shutdown past its grace)."""
+        self.request_stop()
+        self._scope.cancel()
+
+    async def stop(self) -> None:
+        self.request_stop()
+        if asyncio.current_task() in self._workers:
+            return  # an actor stopping itself must not wait for its own handler
+        await self._stopped.wait()
+
+    async def wait_stopped(self) -> StopInfo:
+        await self._stopped.wait()
+        assert self._stop_info is not None
+        return self._stop_info
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def statistics(self) -> dict[str, Any]:
+        stats = self._recv.statistics()
+        return {
+            "name": self.ref.name,
+            "id": self.ref.actor_id,
+            "class": self.cls.__qualname__,
+            "mailbox_used": stats.current_buffer_used,
+            "mailbox_size": stats.max_buffer_size,
+            "senders_waiting": stats.tasks_waiting_send,
+            "running": len(self._running),
+            "restarts": self._policy.restarts,
+        }
+
+    def _stopped_error(self) -> ActorStopped:
+        return ActorStopped(f"actor {self.label} has stopped")
+
+    # -- the message path ----------------------------------------------------------
+
+    def _check(self, method: str) -> None:
+        if self._closing:
+            raise self._stopped_error()
+        if method not in self.methods:
+            raise MethodNotFound(
+                f"actor {self.label} ({self.cls.__qualname__}) has no public method {method!r}")
+
+    async def _enqueue(self, msg: Message, timeout: float | None) -> None:
+        try:
+            self._send.send_nowait(msg)
+            return
+        except anyio.WouldBlock:
+            pass
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise self._stopped_error() from None
+        # Mailbox full: wait for space (backpressure), within the ask's deadline.
+        try:
+            with anyio.fail_after(timeout):
+                await self._send.send(msg)
+        except TimeoutError:
+            raise AskTimeout(
+                f"ask {msg[0]!r} to actor {self.label}: mailbox still full after {timeout} s"
+            ) from None
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise self._stopped_error() from None
+
+    async def ask(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  timeout: float | None) -> Any:
+        self._check(method)
+        loop = self._loop
+        fut: asyncio.Future[Any] = loop.create_future()
+        if timeout is not None:
+            deadline = loop.time() + timeout
+        await self._enqueue((method, args, kwargs, fut), timeout)
+        if timeout is None:
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                self._abandon(fut)
+                raise
+        handle = loop.call_at(deadline, self._expire, fut, method, timeout)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._abandon(fut)
+            raise
+        finally:
+            handle.cancel()
+
+    async def tell(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._check(method)
+        await self._enqueue((method, args, kwargs, None), None)
+
+    def _expire(self, fut: asyncio.Future[Any], method: str, timeout: float) -> None:
+        if not fut.done():
+            fut.set_exception(AskTimeout(
+                f"ask {method!r} to actor {self.label} got no reply within {timeout} s"))
+            self._abandon(fut)
+
+    def _abandon(self, fut: asyncio.Future[Any]) -> None:
+        """The caller gave up: cancel its handler if it is running right now.
+
+        A queued message is skipped by the worker when it sees the future is done.
+        """
+        task = self._running.get(fut)
+        if task is not None and task not in self._abandoned:
+            self._abandoned.add(task)
+            task.cancel()
+
+    async def _worker(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._workers.add(task)
+        recv = self._recv
+        methods = self.methods
+        running = self._running
+        try:
+            while True:
+                try:
+                    msg = recv.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        msg = await recv.receive()
+                    except anyio.EndOfStream:
+                        return
+                except anyio.EndOfStream:
+                    return
+                method, args, kwargs, fut = msg
+                if fut is not None:
+                    if fut.done():
+                        continue  # the caller timed out or was cancelled while queued
+                    if self._closing:
+                        fut.set_exception(self._stopped_error())
+                        continue
+                elif self._closing:
+                    continue
+                fn, is_async = methods[method]
+                if fut is not None:
+                    running[fut] = task
+                try:
+                    result = fn(self._instance, *args, **kwargs)
+                    if is_async:
+                        result = await result
+                except asyncio.CancelledError:
+                    if task not in self._abandoned:
+                        raise
+                    self._abandoned.discard(task)
+                    uncancel = getattr(task, "uncancel", None)
+                    if uncancel is not None:
+                        uncancel()
+                    continue
+                except Exception as exc:
+                    self._failed(exc, method, fut)
+                    if self._on_error == "restart" and not self._closing:
+                        await self._restart(exc)
+                    continue
+                finally:
+                    if fut is not None:
+                        del running[fut]
+                    # A cancel that raced with the handler finishing must not leak
+                    # into the next message.
+                    self._abandoned.discard(task)
+                if fut is not None and not fut.done():
+                    fut.set_result(result)
+        finally:
+            self._workers.discard(task)
+
+    def _failed(self, exc: Exception, method: str, fut: asyncio.Future[Any] | None) -> None:
+        if fut is not None:
+            if not fut.done():
+                fut.set_exception(actor_error(exc, self.label))
+        else:
+            log.error("tell %r to actor %s raised", method, self.label, exc_info=exc)
+        if self._on_error == "stop":
+            self.request_stop(StopInfo(StopReason.FAILED, _describe(exc)))
+
+    async def _restart(self, exc: BaseException) -> None:
+        while True:
+            if not self._policy.allow_restart():
+                log.error("actor %s failed %d times within %.1f s; stopping",
+                          self.label, self._policy.max_restarts + 1, self._policy.within)
+                self.request_stop(StopInfo(StopReason.RESTARTS_EXHAUSTED, _describe(exc)))
+                return
+            log.warning("actor %s restarting after %s", self.label, _describe(exc))
+            try:
+                self._instance = self._construct()
+                await self._instance.on_start()
+                return
+            except Exception as again:
+                exc = again
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__qualname__}: {exc}"

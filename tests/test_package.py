@@ -1,0 +1,51 @@
+"""The import surface, the console script and the examples."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import shardline as sl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_export_list_is_exact() -> None:
+    public = {name for name in vars(sl) if not name.startswith("_")}
+    modules = {"actors", "cli"} | {n for n in public if type(getattr(sl, n)).__name__ == "module"}
+    assert public - modules == set(sl.__all__) - {"__version__"}
+    for name in sl.__all__:
+        assert getattr(sl, name) is not None
+
+
+def test_errors_form_one_hierarchy() -> None:
+    for name in ("ActorError", "ActorNotFound", "MethodNotFound", "ActorStopped", "AskTimeout",
+                 "NodeLost", "SerializationError", "ProtocolError", "Unauthorized",
+                 "ActorNameTaken"):
+        assert issubclass(getattr(sl, name), sl.ShardlineError)
+    assert issubclass(sl.AskTimeout, TimeoutError)
+
+
+def test_import_does_not_pull_in_torch() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, shardline; print('torch' in sys.modules)"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_console_script_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "shardline.cli", "--version"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == f"shardline {sl.__version__}"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+def test_example_runs(example: str) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / example)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
