@@ -20,7 +20,9 @@ from ._runtime import to_thread as to_thread
 from ._version import __version__ as __version__
 from .actors import Actor as Actor
 from .actors import ActorRef as ActorRef
+from .actors import LocalCluster as LocalCluster
 from .actors import Node as Node
+from .actors import RemoteNode as RemoteNode
 from .actors import StopInfo as StopInfo
 from .actors import StopReason as StopReason
 
@@ -32,10 +34,12 @@ __all__ = [
     "ActorRef",
     "ActorStopped",
     "AskTimeout",
+    "LocalCluster",
     "MethodNotFound",
     "Node",
     "NodeLost",
     "ProtocolError",
+    "RemoteNode",
     "SerializationError",
     "ShardlineError",
     "StopInfo",

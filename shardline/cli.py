@@ -1,8 +1,11 @@
-"""The ``shardline`` command."""
+"""The ``shardline`` command: ``node`` runs a worker node, ``keys`` manages CURVE keys."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -17,15 +20,53 @@ def build_parser() -> argparse.ArgumentParser:
         description="Asyncio actors over ZeroMQ + msgpack for sharded models.",
     )
     parser.add_argument("--version", action="version", version=f"shardline {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    node = sub.add_parser("node", help="run a worker node until SIGINT/SIGTERM")
+    node.add_argument("--listen", default=os.environ.get("SHARDLINE_LISTEN",
+                                                         "tcp://127.0.0.1:0"),
+                      help="address to bind (default tcp://127.0.0.1:0: a free port)")
+    node.add_argument("--allow", action="append", default=[], metavar="MODULE",
+                      help="module (or package) peers may spawn actors from; repeatable")
+    node.add_argument("--advertise", help="address other nodes use to reach this one "
+                      "(default: the listen address; for 0.0.0.0 the host's primary IP)")
+    node.add_argument("--keys", metavar="DIR", help="CURVE keypair directory: require CURVE")
+    node.add_argument("--allow-keys", action="append", default=[], metavar="FILE",
+                      help="client public keys to accept (key file, directory of .key files, "
+                      "or a text file with one Z85 key per line); repeatable")
+    node.add_argument("--insecure", action="store_true",
+                      help="allow a non-loopback address without CURVE keys")
+    node.add_argument("--peer-timeout", type=float, default=5.0,
+                      help="seconds of silence before a peer is declared lost (default 5)")
+    node.add_argument("--log-level", default=os.environ.get("SHARDLINE_LOG", "WARNING"))
+
+    keys = sub.add_parser("keys", help="CURVE keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    gen = keys_sub.add_parser("generate", help="write DIR/node.key and DIR/node.key_secret")
+    gen.add_argument("dir")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "node":
+        from ._worker import run_node
+
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return run_node(args)
+    if args.command == "keys":
+        from .transport import KeyPair
+
+        pair = KeyPair.write(args.dir)
+        sys.stdout.write(f"wrote {args.dir}/node.key (public: {pair.public.decode()}) "
+                         f"and {args.dir}/node.key_secret\n")
+        return 0
     parser.print_help(sys.stdout)
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())

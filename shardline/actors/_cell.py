@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,8 +28,9 @@ __all__ = ["ActorCell", "actor_error"]
 
 log = logging.getLogger("shardline.actors")
 
-# (method, args, kwargs, reply future or None for a tell)
-Message = tuple[str, tuple[Any, ...], dict[str, Any], "asyncio.Future[Any] | None"]
+# (method, args, kwargs, reply sink or None for a tell). The sink is an asyncio.Future
+# for a local ask or a transport.Reply (same duck type) for one from the network.
+Message = tuple[str, tuple[Any, ...], dict[str, Any], Any]
 
 
 def actor_error(exc: BaseException, actor: str) -> ActorError:
@@ -78,8 +80,9 @@ class ActorCell:
         self._workers: set[asyncio.Task[Any]] = set()
         # future of the ask a worker is handling -> that worker; lets a caller that
         # gave up cancel exactly its own handler.
-        self._running: dict[asyncio.Future[Any], asyncio.Task[Any]] = {}
+        self._running: dict[Any, asyncio.Task[Any]] = {}
         self._abandoned: set[asyncio.Task[Any]] = set()
+        self._overflow: deque[tuple[Message, Any]] = deque()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -228,13 +231,13 @@ class ActorCell:
             try:
                 return await fut
             except asyncio.CancelledError:
-                self._abandon(fut)
+                self.abandon(fut)
                 raise
         handle = loop.call_at(deadline, self._expire, fut, method, timeout)
         try:
             return await fut
         except asyncio.CancelledError:
-            self._abandon(fut)
+            self.abandon(fut)
             raise
         finally:
             handle.cancel()
@@ -243,13 +246,57 @@ class ActorCell:
         self._check(method)
         await self._enqueue((method, args, kwargs, None), None)
 
+    def deliver(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                reply: Any, ack: Any) -> None:
+        """Enqueue a message that arrived from the network, without awaiting.
+
+        ``reply`` (a ``transport.Reply``) gets the result of an ask; ``ack`` is answered
+        once a tell is in the mailbox. When the mailbox is full, messages wait in an
+        order-preserving overflow; it stays small because remote senders stop at their
+        window of unacknowledged tells, and each waiting ask has a caller awaiting it.
+        """
+        self._check(method)
+        msg: Message = (method, args, kwargs, reply)
+        if not self._overflow:
+            try:
+                self._send.send_nowait(msg)
+            except anyio.WouldBlock:
+                pass
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                raise self._stopped_error() from None
+            else:
+                if ack is not None:
+                    ack.set_result(None)
+                return
+        self._overflow.append((msg, ack))
+        if len(self._overflow) == 1:
+            self.node._start_task(self._drain_overflow)
+
+    async def _drain_overflow(self) -> None:
+        overflow = self._overflow
+        while overflow:
+            msg, ack = overflow[0]
+            try:
+                await self._send.send(msg)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                error = self._stopped_error()
+                for msg, ack in overflow:
+                    for sink in (msg[3], ack):
+                        if sink is not None and not sink.done():
+                            sink.set_exception(error)
+                overflow.clear()
+                return
+            overflow.popleft()
+            if ack is not None:
+                ack.set_result(None)
+
     def _expire(self, fut: asyncio.Future[Any], method: str, timeout: float) -> None:
         if not fut.done():
             fut.set_exception(AskTimeout(
                 f"ask {method!r} to actor {self.label} got no reply within {timeout} s"))
-            self._abandon(fut)
+            self.abandon(fut)
 
-    def _abandon(self, fut: asyncio.Future[Any]) -> None:
+    def abandon(self, fut: Any) -> None:
         """The caller gave up: cancel its handler if it is running right now.
 
         A queued message is skipped by the worker when it sees the future is done.

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import uuid
+import os
+import random
+from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -12,10 +14,14 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .._errors import ActorNameTaken, ActorNotFound
+from ..transport import EXT_REF, Codec, Endpoint, KeyPair, Limits, Peer, new_node_id
+from ..transport import load_allow_keys as _load_allow_keys
+from ..transport import split_key as _split_key
 from ._actor import Actor
 from ._cell import ActorCell
 from ._lifecycle import OnError, RestartPolicy
 from ._ref import ActorRef
+from ._remote import RemoteNode, decode_ref, encode_ref, serve_request
 
 __all__ = ["Node"]
 
@@ -25,18 +31,47 @@ log = logging.getLogger("shardline.actors")
 class Node:
     """A home for actors. Use as ``async with Node() as node:``.
 
+    Without ``listen`` the node is in-process only (it can still call out to other
+    nodes). With ``listen="tcp://host:port"`` (port 0 picks a free one) its actors are
+    reachable at ``node.address``. ``allow`` names the modules peers may spawn actors
+    from. ``keys`` (a directory made by ``shardline keys generate``) turns on CURVE, and
+    then only clients whose public keys are in ``allow_keys`` get in. Listening on a
+    non-loopback address without keys is refused unless ``insecure=True``.
+
     Leaving the block stops every actor gracefully (``on_stop`` runs); an actor still
     busy after ``stop_timeout`` seconds is cancelled.
     """
 
-    def __init__(self, *, stop_timeout: float = 5.0) -> None:
-        self.node_id = uuid.uuid4().hex[:12]
+    def __init__(self, listen: str | None = None, *, allow: Iterable[str] = (),
+                 advertise: str | None = None,
+                 keys: str | os.PathLike[str] | KeyPair | None = None,
+                 allow_keys: Iterable[str | os.PathLike[str]] | None = None,
+                 insecure: bool = False, peer_timeout: float = 5.0,
+                 heartbeat_interval: float | None = None, connect_timeout: float = 10.0,
+                 max_header_size: int = 16 << 20, max_frames: int = 1024,
+                 max_frame_size: int = 1 << 30, stop_timeout: float = 5.0) -> None:
+        self.node_id = new_node_id()
         self.address = f"inproc://{self.node_id}"
+        self.listen = listen
+        self.allow = tuple(allow)
+        self.advertise = advertise
+        self.keys = keys if isinstance(keys, KeyPair) or keys is None else KeyPair.load(keys)
+        self.allow_keys = _load_allow_keys(allow_keys or ())
+        if self.keys is not None:
+            self.allow_keys.append(self.keys.public.decode())  # a node may call itself
+        self.insecure = insecure
+        self.peer_timeout = peer_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.connect_timeout = connect_timeout
+        self.limits = Limits(max_header_size, max_frames, max_frame_size)
         self.stop_timeout = stop_timeout
-        self._ids = itertools.count(1)
+        # Random start: a node restarted on the same address never reuses an id that a
+        # ref from its previous life could still name.
+        self._ids = itertools.count(random.getrandbits(31) << 16)
         self._cells: dict[int, ActorCell] = {}
         self._names: dict[str, ActorCell | None] = {}  # None: reserved while starting
         self._tg: TaskGroup | None = None
+        self._endpoint: Endpoint | None = None
         self._closing = False
 
     async def __aenter__(self) -> Node:
@@ -45,7 +80,31 @@ class Node:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        if self.listen is not None:
+            try:
+                endpoint = self._ensure_endpoint()
+                self.address = endpoint.listen(self.listen, advertise=self.advertise,
+                                               insecure=self.insecure)
+            except BaseException:
+                await self.__aexit__(None, None, None)
+                raise
         return self
+
+    def _ensure_endpoint(self) -> Endpoint:
+        if self._endpoint is None:
+            if self._tg is None or self._closing:
+                raise RuntimeError("the node is not running: use 'async with Node() as node'")
+            codec = Codec({ActorRef: (EXT_REF,
+                                      lambda ref, bufs: encode_ref(self, ref, bufs),
+                                      lambda payload, bufs: decode_ref(self, payload, bufs))},
+                          max_header_size=self.limits.max_header_size)
+            self._endpoint = Endpoint(
+                self.node_id, lambda msg, reply: serve_request(self, msg, reply), codec,
+                limits=self.limits, peer_timeout=self.peer_timeout,
+                heartbeat_interval=self.heartbeat_interval, keys=self.keys,
+                allow_keys=self.allow_keys)
+            self._endpoint.start(self._tg)
+        return self._endpoint
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> bool | None:
@@ -54,6 +113,9 @@ class Node:
         self._closing = True
         with anyio.CancelScope(shield=True):
             await self._stop_all()
+        if self._endpoint is not None:
+            self._endpoint.close()
+        tg.cancel_scope.cancel()  # heartbeats and request tasks; actors are done
         try:
             # Every actor has stopped, so the group only waits for their last
             # cleanup; the body's own exception propagates as itself, not wrapped
@@ -111,6 +173,56 @@ class Node:
         tg.start_soon(cell.run, name=f"actor {cell.label}")
         return ref
 
+    # -- networking ------------------------------------------------------------------
+
+    async def connect(self, address: str, *, timeout: float | None = None) -> RemoteNode:
+        """Connect to the node at ``address`` (handshake included) and return it."""
+        peer = await self._peer(address, timeout)
+        assert peer.node_id is not None
+        return RemoteNode(self, address, peer.node_id)
+
+    async def lookup(self, address: str, name: str, *,
+                     timeout: float | None = None) -> ActorRef:
+        """A ref to the actor called ``name`` on the node at ``address``."""
+        if address == self.address:
+            return self.ref(name)
+        return await (await self.connect(address, timeout=timeout)).lookup(name,
+                                                                            timeout=timeout)
+
+    def peers(self) -> list[Peer]:
+        """Live connections this node opened to other nodes."""
+        return [] if self._endpoint is None else self._endpoint.peers()
+
+    async def _peer(self, address: str, timeout: float | None = None) -> Peer:
+        endpoint = self._ensure_endpoint()
+        return await endpoint.peer(address, timeout=timeout or self.connect_timeout)
+
+    def _cached_peer(self, address: str) -> Peer | None:
+        endpoint = self._endpoint
+        if endpoint is None:
+            return None
+        return endpoint.cached_peer(_split_key(address)[0])
+
+    def _cell(self, actor_id: Any) -> ActorCell:
+        cell = self._cells.get(actor_id)
+        if cell is None:
+            raise ActorNotFound(f"no actor #{actor_id} on node {self.address}")
+        return cell
+
+    def _cell_or_none(self, actor_id: Any) -> ActorCell | None:
+        return self._cells.get(actor_id)
+
+    def _local_ref(self, actor_id: int) -> ActorRef | None:
+        cell = self._cells.get(actor_id)
+        return None if cell is None else cell.ref
+
+    def _start_task(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        if self._tg is None:
+            raise RuntimeError("the node is not running")
+        self._tg.start_soon(fn, *args)
+
+    # -- local registry ----------------------------------------------------------------
+
     def ref(self, name: str) -> ActorRef:
         """The ref of the live actor called ``name`` on this node."""
         cell = self._names.get(name)
@@ -127,6 +239,8 @@ class Node:
         return {
             "address": self.address,
             "actors": [cell.statistics() for cell in self._cells.values()],
+            "peers": [{"address": p.address, "node_id": p.node_id, "pending": len(p.pending)}
+                      for p in self.peers()],
         }
 
     def _forget(self, cell: ActorCell) -> None:

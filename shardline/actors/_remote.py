@@ -1,0 +1,248 @@
+"""Actors on other nodes: the ref target that talks to them, ``RemoteNode``, and the
+handler that serves this node's actors to the network."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from .._errors import (
+    ActorNotFound,
+    ActorStopped,
+    NodeLost,
+    ProtocolError,
+    SerializationError,
+    ShardlineError,
+    Unauthorized,
+)
+from ..transport import PROTOCOL_VERSION, Peer, Reply
+from ..transport._codec import packb
+from ._actor import Actor
+from ._cell import actor_error
+from ._lifecycle import OnError, StopInfo, StopReason
+from ._ref import ActorRef
+
+if TYPE_CHECKING:
+    from ._node import Node
+
+__all__ = ["RemoteNode", "RemoteTarget", "StoppedTarget", "decode_ref", "encode_ref",
+           "serve_request"]
+
+# Unacknowledged tells in flight per (peer, actor) before ``tell`` waits.
+TELL_WINDOW = 128
+V = PROTOCOL_VERSION
+
+
+class RemoteTarget:
+    """Delivers a ref's messages to an actor on another node."""
+
+    __slots__ = ("_actor_id", "_address", "_node")
+
+    def __init__(self, node: Node, address: str, actor_id: int) -> None:
+        self._node = node
+        self._address = address
+        self._actor_id = actor_id
+
+    async def _peer(self) -> Peer:
+        return await self._node._peer(self._address)
+
+    async def ask(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  timeout: float | None) -> Any:
+        peer = self._node._cached_peer(self._address) or await self._peer()
+        return await peer.call({"v": V, "k": "call", "to": self._actor_id, "m": method,
+                                "a": args, "kw": kwargs}, timeout)
+
+    async def tell(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        peer = self._node._cached_peer(self._address) or await self._peer()
+        await peer.tell({"v": V, "k": "tell", "to": self._actor_id, "m": method, "a": args,
+                         "kw": kwargs}, self._actor_id, TELL_WINDOW)
+
+    async def stop(self) -> None:
+        try:
+            peer = await self._peer()
+            await peer.call({"v": V, "k": "stop", "to": self._actor_id}, None)
+        except NodeLost:
+            return  # a lost node's actors are as stopped as they get
+
+    async def wait_stopped(self) -> StopInfo:
+        try:
+            peer = await self._peer()
+            info = await peer.call({"v": V, "k": "watch", "to": self._actor_id}, None)
+        except NodeLost as exc:
+            return StopInfo(StopReason.NODE_LOST, str(exc))
+        return _stop_info_from_wire(info)
+
+
+class StoppedTarget:
+    """Target of a ref to a local actor that no longer exists."""
+
+    __slots__ = ("_label",)
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+
+    async def ask(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  timeout: float | None) -> Any:
+        raise ActorStopped(f"actor {self._label} has stopped")
+
+    async def tell(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise ActorStopped(f"actor {self._label} has stopped")
+
+    async def stop(self) -> None:
+        return None
+
+    async def wait_stopped(self) -> StopInfo:
+        return StopInfo(StopReason.STOPPED)
+
+
+def _stop_info_from_wire(info: Any) -> StopInfo:
+    if not isinstance(info, dict):
+        raise ProtocolError(f"malformed stop info: {info!r:.100}")
+    try:
+        reason = StopReason(info.get("reason"))
+    except ValueError:
+        raise ProtocolError(f"unknown stop reason {info.get('reason')!r}") from None
+    error = info.get("error")
+    return StopInfo(reason, None if error is None else str(error))
+
+
+class RemoteNode:
+    """Another node, as seen from this one (``await node.connect(address)``)."""
+
+    def __init__(self, node: Node, address: str, node_id: str) -> None:
+        self._node = node
+        self.address = address
+        self.node_id = node_id
+
+    async def spawn(self, cls: str, *args: Any, name: str | None = None,
+                    mailbox_size: int = 1024, on_error: OnError = "resume",
+                    max_restarts: int = 3, within: float = 60.0,
+                    timeout: float | None = None, **kwargs: Any) -> ActorRef:
+        """Spawn ``"pkg.module:Class"`` there; the peer must allow ``pkg.module``."""
+        if not isinstance(cls, str) or ":" not in cls:
+            raise TypeError(f"remote spawn takes an import path 'pkg.module:Class', got {cls!r}")
+        peer = await self._node._peer(self.address)
+        ref = await peer.call({
+            "v": V, "k": "spawn", "cls": cls, "a": args, "kw": kwargs,
+            "opt": {"name": name, "mailbox_size": mailbox_size, "on_error": on_error,
+                    "max_restarts": max_restarts, "within": within},
+        }, timeout)
+        return _expect_ref(ref)
+
+    async def lookup(self, name: str, *, timeout: float | None = None) -> ActorRef:
+        """The ref of the actor called ``name`` there (``ActorNotFound`` if none)."""
+        peer = await self._node._peer(self.address)
+        return _expect_ref(await peer.call({"v": V, "k": "lookup", "name": name}, timeout))
+
+    def __repr__(self) -> str:
+        return f"<RemoteNode {self.address} id={self.node_id}>"
+
+
+def _expect_ref(value: Any) -> ActorRef:
+    if not isinstance(value, ActorRef):
+        raise ProtocolError(f"expected an actor ref, got {type(value).__name__}")
+    return value
+
+
+# -- refs on the wire --------------------------------------------------------------------
+
+def encode_ref(node: Node, ref: ActorRef, buffers: list[Any]) -> bytes:
+    address = ref.address
+    if address.startswith("inproc://"):
+        raise SerializationError(
+            f"{ref!r} lives on a node that does not listen, so no other node can reach it; "
+            "give that node listen='tcp://...'")
+    return packb([address, ref.actor_id, ref.name])
+
+
+def decode_ref(node: Node, payload: bytes, buffers: Any) -> ActorRef:
+    address, actor_id, name = msgpack.unpackb(payload)
+    if not isinstance(address, str) or not isinstance(actor_id, int) or not (
+            name is None or isinstance(name, str)):
+        raise ValueError("ref must be [address: str, actor id: int, name: str | nil]")
+    if address == node.address:
+        local = node._local_ref(actor_id)
+        if local is not None:
+            return local
+        return ActorRef(address, actor_id, name, StoppedTarget(name or f"#{actor_id}"))
+    return ActorRef(address, actor_id, name, RemoteTarget(node, address, actor_id))
+
+
+# -- serving this node's actors -------------------------------------------------------------
+
+def serve_request(node: Node, msg: dict[str, Any], reply: Reply) -> None:
+    """Handle one request from the network. Never blocks: slow work becomes a task."""
+    kind = msg.get("k")
+    if kind == "call" or kind == "tell":
+        cell = node._cell(msg.get("to"))
+        method, args, kwargs = msg.get("m"), msg.get("a", ()), msg.get("kw", {})
+        if not isinstance(method, str) or not isinstance(args, list) or not isinstance(
+                kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise ProtocolError("a call needs m: str, a: array, kw: map with string keys")
+        if kind == "call":
+            reply.on_cancel = cell.abandon
+            cell.deliver(method, tuple(args), kwargs, reply, None)
+        else:
+            cell.deliver(method, tuple(args), kwargs, None, reply)
+    elif kind == "spawn":
+        node._start_task(_spawn, node, msg, reply)
+    elif kind == "lookup":
+        name = msg.get("name")
+        if not isinstance(name, str):
+            raise ProtocolError("lookup needs name: str")
+        reply.set_result(node.ref(name))
+    elif kind == "stop":
+        node._start_task(_stop, node, msg, reply)
+    elif kind == "watch":
+        node._start_task(_watch, node, msg, reply)
+    else:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+
+
+async def _spawn(node: Node, msg: dict[str, Any], reply: Reply) -> None:
+    try:
+        path, args, kwargs, opt = msg.get("cls"), msg.get("a", []), msg.get("kw", {}), msg.get(
+            "opt", {})
+        if not isinstance(path, str) or not isinstance(args, list) or not isinstance(
+                kwargs, dict) or not isinstance(opt, dict):
+            raise ProtocolError("spawn needs cls: str, a: array, kw: map, opt: map")
+        cls = _import_actor(path, node.allow)
+        known = {"name", "mailbox_size", "on_error", "max_restarts", "within"}
+        options = {k: v for k, v in opt.items() if k in known}
+        reply.set_result(await node.spawn(cls, *args, **options, **kwargs))
+    except ShardlineError as exc:
+        reply.set_exception(exc)
+    except (TypeError, ValueError) as exc:
+        reply.set_exception(actor_error(exc, str(msg.get("cls"))))
+
+
+def _import_actor(path: str, allow: tuple[str, ...]) -> type[Actor]:
+    module_name, _, attr = path.partition(":")
+    if not any(module_name == a or module_name.startswith(a + ".") for a in allow):
+        raise Unauthorized(
+            f"this node does not allow spawning from module {module_name!r}; start it with "
+            f"--allow {module_name} (allowed now: {', '.join(allow) or 'nothing'})")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:
+        raise actor_error(exc, path) from exc
+    if not (isinstance(obj, type) and issubclass(obj, Actor)):
+        raise ActorNotFound(f"{path} is not a shardline.Actor subclass")
+    return obj
+
+
+async def _stop(node: Node, msg: dict[str, Any], reply: Reply) -> None:
+    cell = node._cell_or_none(msg.get("to"))
+    if cell is not None:
+        await cell.stop()
+    reply.set_result(None)
+
+
+async def _watch(node: Node, msg: dict[str, Any], reply: Reply) -> None:
+    cell = node._cell_or_none(msg.get("to"))
+    info = StopInfo(StopReason.STOPPED) if cell is None else await cell.wait_stopped()
+    reply.set_result({"reason": info.reason.value, "error": info.error})

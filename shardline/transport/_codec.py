@@ -1,0 +1,237 @@
+"""msgpack headers plus raw buffer frames: the only way values cross the wire.
+
+A message is ``[header, buf0, buf1, ...]``. The header is msgpack; arrays, tensors and
+refs inside it are msgpack ext values whose payload names a buffer frame by index, so
+bulk data is never copied into the header and is sent and received zero-copy.
+Extension types register here from the layers above (refs from ``actors``, tensors
+from ``shardline.tensors``), so this module imports neither.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .._errors import ProtocolError, SerializationError
+
+__all__ = [
+    "EXT_NDARRAY",
+    "EXT_REF",
+    "EXT_TENSOR",
+    "Codec",
+    "Encoder",
+    "Decoder",
+    "packb",
+    "register_ext",
+]
+
+EXT_NDARRAY = 1
+EXT_TENSOR = 2
+EXT_REF = 3
+
+# encode(obj, buffers) -> ext payload bytes; it appends bulk data to ``buffers`` and
+# records the index. decode(payload, buffers) -> obj.
+Encoder = Callable[[Any, list[Any]], bytes]
+Decoder = Callable[[bytes, Sequence[Any]], Any]
+
+_encoders: dict[type, tuple[int, Encoder]] = {}
+_decoders: dict[int, Decoder] = {}
+# Extensions living in modules that import heavy libraries are loaded on first use:
+# a tensor can only reach the encoder if torch is already imported by the caller.
+_lazy_by_type_module = {"torch": "shardline.tensors"}
+_lazy_by_code = {EXT_TENSOR: "shardline.tensors"}
+
+_HINTS = {
+    set: "send a list instead",
+    frozenset: "send a list instead",
+    complex: "send [real, imag] or a numpy array",
+    bytearray: "send bytes instead",
+}
+
+
+def packb(obj: Any) -> bytes:
+    """msgpack-encode an ext payload (typed wrapper)."""
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def register_ext(cls: type, code: int, encode: Encoder, decode: Decoder) -> None:
+    """Teach every codec to carry ``cls`` (and its subclasses) as ext type ``code``."""
+    _encoders[cls] = (code, encode)
+    _decoders[code] = decode
+
+
+class _Unencodable(Exception):
+    def __init__(self, obj: object, reason: str) -> None:
+        super().__init__(reason)
+        self.obj = obj
+        self.reason = reason
+
+
+def _encode_ndarray(arr: np.ndarray[Any, Any], buffers: list[Any]) -> bytes:
+    if arr.dtype.hasobject or arr.dtype.fields is not None or arr.dtype.kind == "V":
+        raise _Unencodable(arr, f"numpy dtype {arr.dtype} has no raw-buffer form")
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    buffers.append(arr.data if arr.ndim else arr.reshape(1).data)
+    return packb([arr.dtype.str, list(arr.shape), len(buffers) - 1])
+
+
+def _decode_ndarray(payload: bytes, buffers: Sequence[Any]) -> np.ndarray[Any, Any]:
+    dtype, shape, index = msgpack.unpackb(payload)
+    arr: np.ndarray[Any, Any] = np.frombuffer(buffers[index], dtype=np.dtype(dtype))
+    shaped: np.ndarray[Any, Any] = arr.reshape(shape)
+    return shaped
+
+
+register_ext(np.ndarray, EXT_NDARRAY, _encode_ndarray, _decode_ndarray)
+
+
+def _describe(obj: object) -> str:
+    name = type(obj).__qualname__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"{article} {name}"
+
+
+def _locate(root: object, target: object, path: str) -> str | None:
+    """Where ``target`` sits inside ``root``, as ``path[1]['key']`` (error path only)."""
+    if root is target:
+        return path
+    if isinstance(root, Mapping):
+        for key, value in root.items():
+            found = _locate(value, target, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+            if key is target:
+                return f"{path} (a key)"
+    elif isinstance(root, (list, tuple)):
+        for i, value in enumerate(root):
+            found = _locate(value, target, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+class Codec:
+    """Encodes headers to frames and back. One per node; not shared across threads.
+
+    ``extra`` adds per-node extensions (a ref needs the node that resolves it).
+    """
+
+    def __init__(self, extra: Mapping[type, tuple[int, Encoder, Decoder]] | None = None,
+                 *, max_header_size: int = 16 << 20) -> None:
+        self._extra_enc = {cls: (code, enc) for cls, (code, enc, _) in (extra or {}).items()}
+        self._extra_dec = {code: dec for _, (code, _, dec) in (extra or {}).items()}
+        self._buffers: list[Any] = []
+        self._frames: Sequence[Any] = ()
+        self._packer = msgpack.Packer(default=self._default, use_bin_type=True,
+                                      datetime=False)
+        self.max_header_size = max_header_size
+
+    # -- encoding --------------------------------------------------------------
+
+    def encode(self, header: dict[str, Any], what: str = "message") -> list[Any]:
+        """``[header_bytes, *buffers]``; ``SerializationError`` names what cannot go."""
+        buffers: list[Any] = []
+        self._buffers = buffers
+        try:
+            data = self._packer.pack(header)
+        except _Unencodable as exc:
+            self._packer.reset()
+            raise self._unencodable(header, exc.obj, exc.reason, what) from None
+        except (OverflowError, ValueError, TypeError) as exc:
+            self._packer.reset()
+            raise SerializationError(f"{what} cannot be encoded: {exc}") from None
+        finally:
+            self._buffers = []
+        if len(data) > self.max_header_size:
+            raise SerializationError(
+                f"{what} header is {len(data)} bytes, over the limit of {self.max_header_size}; "
+                "send bulk data as numpy arrays or tensors (they travel as raw frames)")
+        if buffers:
+            return [data, *buffers]
+        return [data]
+
+    def _default(self, obj: Any) -> msgpack.ExtType:
+        cls = type(obj)
+        entry = self._extra_enc.get(cls) or _encoders.get(cls)
+        if entry is None:
+            entry = self._find_encoder(cls)
+            if entry is None:
+                raise _Unencodable(obj, "msgpack cannot carry it and no extension is registered")
+        code, encode = entry
+        try:
+            return msgpack.ExtType(code, encode(obj, self._buffers))
+        except SerializationError as exc:
+            raise _Unencodable(obj, str(exc)) from None
+
+    def _find_encoder(self, cls: type) -> tuple[int, Encoder] | None:
+        module = cls.__module__.partition(".")[0]
+        lazy = _lazy_by_type_module.get(module)
+        if lazy is not None:
+            importlib.import_module(lazy)
+        for base in cls.__mro__:
+            entry = self._extra_enc.get(base) or _encoders.get(base)
+            if entry is not None:
+                _encoders[cls] = entry  # subclasses (nn.Parameter, np.memmap) hit fast next time
+                return entry
+        return None
+
+    @staticmethod
+    def _unencodable(header: Mapping[str, Any], obj: object, reason: str,
+                     what: str) -> SerializationError:
+        where = None
+        for key, label in (("a", "args"), ("kw", "kwargs"), ("r", "result")):
+            if key in header:
+                where = _locate(header[key], obj, label)
+                if where is not None:
+                    break
+        place = f"{what} {where}" if where else what
+        hint = _HINTS.get(type(obj))
+        tail = f"; {hint}" if hint else ""
+        return SerializationError(f"{place} ({_describe(obj)}) cannot be sent: {reason}{tail}")
+
+    # -- decoding --------------------------------------------------------------
+
+    def decode(self, header: Any, frames: Sequence[Any]) -> dict[str, Any]:
+        """Decode a received header; ``frames`` are the buffer frames that followed it.
+
+        Anything malformed raises ``ProtocolError``; nothing else escapes.
+        """
+        if len(header) > self.max_header_size:
+            raise ProtocolError(
+                f"header of {len(header)} bytes is over the limit of {self.max_header_size}")
+        self._frames = frames
+        try:
+            msg = msgpack.unpackb(header, ext_hook=self._ext_hook, raw=False,
+                                  strict_map_key=False, timestamp=0)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"malformed header: {type(exc).__name__}: {exc}") from None
+        finally:
+            self._frames = ()
+        if not isinstance(msg, dict):
+            raise ProtocolError(f"header must be a map, got {type(msg).__name__}")
+        return msg
+
+    def _ext_hook(self, code: int, payload: bytes) -> Any:
+        decode = self._extra_dec.get(code) or _decoders.get(code)
+        if decode is None and code in _lazy_by_code:
+            importlib.import_module(_lazy_by_code[code])
+            decode = _decoders.get(code)
+        if decode is None:
+            raise ProtocolError(f"unknown ext type {code}")
+        try:
+            return decode(payload, self._frames)
+        except ProtocolError:
+            raise
+        except IndexError:
+            raise ProtocolError(f"ext type {code} names a buffer frame that is missing") from None
+        except Exception as exc:
+            raise ProtocolError(
+                f"bad ext type {code} payload: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,328 @@
+"""A node's presence on the network.
+
+One ROUTER bound on the listen address receives requests from every peer and sends
+replies back on the connection each came in on; one DEALER per peer this node calls
+(``Peer``) carries its own requests. A reply never needs a connection of its own, and
+requests from A to B are ordered because they share A's single DEALER to B.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import anyio
+import zmq
+import zmq.auth.thread
+from anyio.abc import TaskGroup
+
+from .._errors import NodeLost, ProtocolError, ShardlineError, Unauthorized
+from ._address import is_loopback, parse_tcp, primary_address, split_key, with_key
+from ._codec import Codec
+from ._curve import KeyPair
+from ._loopsock import LoopSocket
+from ._peer import Peer
+from ._wire import PROTOCOL_VERSION, Limits, error_to_wire, salvage_id
+
+__all__ = ["Endpoint", "Reply", "RequestHandler"]
+
+log = logging.getLogger("shardline.transport")
+
+
+class Reply:
+    """Where the answer to one incoming request goes. Duck-types the part of
+    ``asyncio.Future`` an actor's mailbox uses, so a remote ask is handled exactly like a
+    local one, without a task or a future of its own."""
+
+    __slots__ = ("_cancelled", "_done", "_endpoint", "_id", "_route", "on_cancel")
+
+    def __init__(self, endpoint: Endpoint, route: bytes, rid: int) -> None:
+        self._endpoint = endpoint
+        self._route = route
+        self._id = rid
+        self._done = False
+        self._cancelled = False
+        self.on_cancel: Callable[[Reply], None] | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """The caller gave up (timeout or cancellation): answer nothing, stop the work."""
+        if self._done:
+            return
+        self._done = self._cancelled = True
+        self._endpoint.inflight.pop((self._route, self._id), None)
+        if self.on_cancel is not None:
+            self.on_cancel(self)
+
+    def set_result(self, value: Any) -> None:
+        if self._done:
+            return
+        self._done = True
+        endpoint = self._endpoint
+        endpoint.inflight.pop((self._route, self._id), None)
+        try:
+            frames = endpoint.codec.encode(
+                {"v": PROTOCOL_VERSION, "k": "reply", "id": self._id, "r": value}, "result")
+        except ShardlineError as exc:
+            frames = endpoint.error_frames(self._id, exc)
+        endpoint.router_send(self._route, frames)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._endpoint.inflight.pop((self._route, self._id), None)
+        self._endpoint.router_send(self._route, self._endpoint.error_frames(self._id, exc))
+
+
+# handler(message, reply): must not block; may start tasks; raising ShardlineError
+# answers the request with that error.
+RequestHandler = Callable[[dict[str, Any], Reply], None]
+
+
+class Endpoint:
+    def __init__(self, node_id: str, handler: RequestHandler, codec: Codec, *,
+                 limits: Limits, peer_timeout: float, heartbeat_interval: float | None,
+                 keys: KeyPair | None, allow_keys: Iterable[str] | None) -> None:
+        if peer_timeout <= 0:
+            raise ValueError("peer_timeout must be > 0")
+        self.node_id = node_id
+        self.codec = codec
+        self.limits = limits
+        self.peer_timeout = peer_timeout
+        self.heartbeat_interval = heartbeat_interval or peer_timeout / 5
+        self.keys = keys
+        self._allow_keys = set(allow_keys or ())
+        self._handler = handler
+        self.context: zmq.Context[Any] = zmq.Context()
+        self.address: str | None = None
+        self._router: LoopSocket | None = None
+        self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
+        self._peers: dict[str, Peer] = {}
+        self._connecting: dict[str, asyncio.Future[Peer]] = {}
+        # (route, request id) -> Reply of asks being handled, so a "cancel" finds them.
+        self.inflight: dict[tuple[bytes, int], Reply] = {}
+        self._closed = False
+
+    # -- sockets -------------------------------------------------------------------
+
+    def configure(self, sock: zmq.Socket[Any]) -> None:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_size)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+
+    def make_curve_client(self, sock: zmq.Socket[Any], server_key: str | None) -> None:
+        if server_key is None:
+            return  # the server has no key: plain connection (our keys stay unused)
+        pair = self.keys or KeyPair.generate()
+        sock.curve_secretkey = pair.secret
+        sock.curve_publickey = pair.public
+        sock.curve_serverkey = server_key.encode()
+
+    def listen(self, address: str, *, advertise: str | None, insecure: bool) -> str:
+        host, _ = parse_tcp(address)
+        if self.keys is None and not is_loopback(host) and not insecure:
+            raise Unauthorized(
+                f"refusing to listen on {address} without CURVE keys: anyone who can reach it "
+                "could spawn actors. Pass keys=DIR / --keys DIR (see 'shardline keys generate') or "
+                "insecure=True / --insecure on a trusted network")
+        router = self.context.socket(zmq.ROUTER)
+        self.configure(router)
+        if self.keys is not None:
+            self._auth = zmq.auth.thread.ThreadAuthenticator(self.context)
+            self._auth.start()
+            allowed = self._allow_keys
+            self._auth.configure_curve_callback("*", _KeyCheck(allowed))
+            router.curve_server = True
+            router.curve_secretkey = self.keys.secret
+            router.curve_publickey = self.keys.public
+        try:
+            router.bind(address)
+        except zmq.ZMQError as exc:
+            router.close(linger=0)
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+        bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        _, port = parse_tcp(bound)
+        if advertise is None:
+            bound_host, _ = parse_tcp(bound)
+            if bound_host in ("0.0.0.0", "::", "*"):
+                bound_host = primary_address()
+            advertise = f"tcp://{bound_host}:{port}"
+        elif advertise.endswith(":0"):
+            advertise = f"{advertise[:-2]}:{port}"
+        parse_tcp(advertise)
+        self.address = with_key(advertise, self.keys.public.decode() if self.keys else None)
+        self._router = LoopSocket(router, self._on_request, copied=2)
+        return self.address
+
+    def start(self, tg: TaskGroup) -> None:
+        """Start the heartbeat task (owned by the node's task group)."""
+        tg.start_soon(self._heartbeats)
+
+    def router_send(self, route: bytes, frames: list[Any]) -> None:
+        if self._router is not None:
+            self._router.send([route, *frames])
+
+    def error_frames(self, rid: int, exc: BaseException) -> list[Any]:
+        return self.codec.encode(
+            {"v": PROTOCOL_VERSION, "k": "error", "id": rid, "e": error_to_wire(exc)})
+
+    # -- incoming requests -----------------------------------------------------------
+
+    def _on_request(self, frames: list[Any]) -> None:
+        route = frames[0]
+        if len(frames) < 2:
+            log.warning("dropped a message with no header")
+            return
+        header = frames[1]
+        if len(frames) - 2 > self.limits.max_frames:
+            self._refuse(route, header, ProtocolError(
+                f"message has {len(frames) - 2} buffer frames, over the limit of "
+                f"{self.limits.max_frames}"))
+            return
+        try:
+            msg = self.codec.decode(header, [f.buffer for f in frames[2:]])
+        except ProtocolError as exc:
+            self._refuse(route, header, exc)
+            return
+        rid = msg.get("id")
+        if msg.get("v") != PROTOCOL_VERSION:
+            self._refuse(route, header, ProtocolError(
+                f"protocol version {msg.get('v')!r} not supported; this node speaks "
+                f"{PROTOCOL_VERSION}"))
+            return
+        kind = msg.get("k")
+        if kind == "ping":
+            self.router_send(route, self.codec.encode({"v": PROTOCOL_VERSION, "k": "pong"}))
+            return
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            log.warning("dropped a %r message without an integer id", kind)
+            return
+        if kind == "cancel":
+            gone = self.inflight.get((route, rid))
+            if gone is not None:
+                gone.cancel()
+            return
+        reply = Reply(self, route, rid)
+        if kind == "call":
+            self.inflight[(route, rid)] = reply
+        elif kind == "hello":
+            reply.set_result({"v": PROTOCOL_VERSION, "node": self.node_id,
+                              "addr": self.address})
+            return
+        try:
+            self._handler(msg, reply)
+        except ShardlineError as exc:
+            reply.set_exception(exc)
+        except Exception as exc:
+            log.exception("request handler raised")
+            reply.set_exception(ProtocolError(f"request failed: {type(exc).__name__}: {exc}"))
+
+    def _refuse(self, route: bytes, header: Any, exc: ShardlineError) -> None:
+        rid = salvage_id(header)
+        log.warning("refused a message: %s", exc)
+        if rid is not None:
+            self.router_send(route, self.error_frames(rid, exc))
+
+    # -- peers -----------------------------------------------------------------------
+
+    async def peer(self, address: str, *, timeout: float,
+                   server_key: str | None = None) -> Peer:
+        """The live connection to ``address``, made (with a hello) if needed."""
+        base, key = split_key(address)
+        peer = self._peers.get(base)
+        if peer is not None:
+            return peer
+        if self._closed:
+            raise NodeLost("this node is closed")
+        pending = self._connecting.get(base)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Peer] = asyncio.get_running_loop().create_future()
+        self._connecting[base] = fut
+        try:
+            peer = Peer(self, base, server_key or key)
+            try:
+                # A refused CURVE handshake fails the hello at once (see Peer._on_monitor).
+                await peer.hello(timeout)
+            except BaseException:
+                peer.close()
+                raise
+            self._peers[base] = peer
+            fut.set_result(peer)
+            return peer
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, Exception) else NodeLost("cancelled"))
+                fut.exception()  # retrieved: no "never retrieved" warning when unawaited
+            raise
+        finally:
+            del self._connecting[base]
+
+    def cached_peer(self, address: str) -> Peer | None:
+        return self._peers.get(address)
+
+    def forget(self, peer: Peer) -> None:
+        if self._peers.get(peer.address) is peer:
+            del self._peers[peer.address]
+
+    def peers(self) -> list[Peer]:
+        return list(self._peers.values())
+
+    async def _heartbeats(self) -> None:
+        check = min(self.heartbeat_interval, self.peer_timeout / 10)
+        last_ping = 0.0
+        while True:
+            await anyio.sleep(check)
+            now = time.monotonic()
+            ping = now - last_ping >= self.heartbeat_interval
+            if ping:
+                last_ping = now
+            for peer in list(self._peers.values()):
+                silent = now - peer.last_seen
+                if silent > self.peer_timeout:
+                    log.warning("node %s silent for %.1f s: lost", peer.address, silent)
+                    peer.fail(NodeLost(
+                        f"node {peer.address} stopped answering (silent for {silent:.1f} s, "
+                        f"peer_timeout={self.peer_timeout} s)"))
+                elif ping:
+                    peer.ping()
+
+    def close(self) -> None:
+        self._closed = True
+        for peer in list(self._peers.values()):
+            peer.close()
+        if self._router is not None:
+            self._router.close()
+            self._router = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self.context.term()
+
+
+class _KeyCheck:
+    """ZAP credentials provider: a client's CURVE public key must be in the allow-list."""
+
+    def __init__(self, allowed: set[str]) -> None:
+        self._allowed = allowed
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = key.decode("ascii", "replace") in self._allowed
+        if not ok:
+            log.warning("refused a CURVE client whose key is not allowed")
+        return ok
+
+
+def new_node_id() -> str:
+    return uuid.uuid4().hex[:12]

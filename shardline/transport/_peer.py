@@ -1,0 +1,220 @@
+"""The client half of a connection: one DEALER to one peer node, its pending requests."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from .._errors import AskTimeout, NodeLost, ProtocolError, ShardlineError, Unauthorized
+from ._loopsock import LoopSocket
+from ._wire import PROTOCOL_VERSION, error_from_wire, salvage_id
+
+if TYPE_CHECKING:
+    from ._endpoint import Endpoint
+
+__all__ = ["Peer"]
+
+log = logging.getLogger("shardline.transport")
+
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class Peer:
+    """Requests to one remote node and their replies; declared lost after silence."""
+
+    def __init__(self, endpoint: Endpoint, address: str, server_key: str | None) -> None:
+        self.endpoint = endpoint
+        self.address = address
+        self.node_id: str | None = None
+        self._loop = asyncio.get_running_loop()
+        self._ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.last_seen = time.monotonic()
+        self.lost = anyio.Event()
+        self.lost_reason = ""
+        self._on_lost: list[Callable[[Peer], None]] = []
+        self._unacked: dict[int, int] = {}
+        self._window_waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self.bytes_sent = 0
+        dealer = endpoint.context.socket(zmq.DEALER)
+        endpoint.configure(dealer)
+        if server_key is not None or endpoint.keys is not None:
+            endpoint.make_curve_client(dealer, server_key)
+        self._monitor: LoopSocket | None = LoopSocket(
+            dealer.get_monitor_socket(_HANDSHAKE_EVENTS), self._on_monitor, copied=2)
+        dealer.connect(address)
+        self.sock = LoopSocket(dealer, self._on_message, copied=1)
+
+    # -- sending -----------------------------------------------------------------
+
+    def request(self, header: dict[str, Any]) -> asyncio.Future[Any]:
+        """Send a request; the future resolves with the reply's ``r`` or raises."""
+        if self.lost.is_set():
+            raise NodeLost(f"node {self.address} is lost ({self.lost_reason})")
+        rid = next(self._ids)
+        header["id"] = rid
+        frames = self.endpoint.codec.encode(header, _what(header))
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self.pending[rid] = fut
+        self.sock.send(frames)
+        return fut
+
+    async def call(self, header: dict[str, Any], timeout: float | None) -> Any:
+        fut = self.request(header)
+        handle = None
+        if timeout is not None:
+            handle = self._loop.call_later(timeout, self._expire, fut, header, timeout)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._give_up(header)
+            raise
+        finally:
+            if handle is not None:
+                handle.cancel()
+
+    def _expire(self, fut: asyncio.Future[Any], header: dict[str, Any], timeout: float) -> None:
+        if not fut.done():
+            fut.set_exception(AskTimeout(
+                f"{_what(header)} to node {self.address} got no reply within {timeout} s"))
+            self._give_up(header)
+
+    def _give_up(self, header: dict[str, Any]) -> None:
+        """Tell the peer to drop (or cancel) the handler of a call nobody waits for."""
+        rid = header["id"]
+        if self.pending.pop(rid, None) is not None and header.get("k") == "call" \
+                and not self.lost.is_set():
+            self.sock.send(self.endpoint.codec.encode(
+                {"v": PROTOCOL_VERSION, "k": "cancel", "id": rid}))
+
+    async def tell(self, header: dict[str, Any], key: int, window: int) -> None:
+        """Send a one-way message; returns once it is out, unless ``window`` earlier ones
+        to the same ``key`` (actor) are not yet acknowledged. The receiver acknowledges
+        once the message is in the actor's mailbox, so a full remote mailbox stops the
+        sender here instead of growing memory on either side."""
+        while self._unacked.get(key, 0) >= window:
+            waiter = self._loop.create_future()
+            self._window_waiters.setdefault(key, []).append(waiter)
+            await waiter
+        fut = self.request(header)
+        self._unacked[key] = self._unacked.get(key, 0) + 1
+        fut.add_done_callback(lambda f: self._acked(key, header, f))
+
+    def _acked(self, key: int, header: dict[str, Any], fut: asyncio.Future[Any]) -> None:
+        left = self._unacked[key] - 1
+        if left:
+            self._unacked[key] = left
+        else:
+            del self._unacked[key]
+        waiters = self._window_waiters.pop(key, None)
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.warning("%s to node %s failed: %s", _what(header), self.address,
+                        fut.exception())
+
+    def ping(self) -> None:
+        self.sock.send(self.endpoint.codec.encode({"v": PROTOCOL_VERSION, "k": "ping"}))
+
+    # -- receiving ---------------------------------------------------------------
+
+    def _on_message(self, frames: list[Any]) -> None:
+        self.last_seen = time.monotonic()
+        header = frames[0]
+        try:
+            msg = self.endpoint.codec.decode(header, [f.buffer for f in frames[1:]])
+        except ProtocolError as exc:
+            rid = salvage_id(header)
+            fut = self.pending.pop(rid, None) if rid is not None else None
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+            log.warning("bad reply from %s: %s", self.address, exc)
+            return
+        kind = msg.get("k")
+        if kind == "pong":
+            return
+        fut = self.pending.pop(msg.get("id"), None)  # type: ignore[arg-type]
+        if fut is None or fut.done():
+            return  # the caller gave up (timeout, cancel): a late reply is dropped
+        if kind == "reply":
+            fut.set_result(msg.get("r"))
+        elif kind == "error":
+            fut.set_exception(error_from_wire(msg.get("e")))
+        else:
+            fut.set_exception(ProtocolError(f"unexpected reply kind {kind!r}"))
+
+    def _on_monitor(self, frames: list[Any]) -> None:
+        event = parse_monitor_message(frames)["event"]
+        if event & _HANDSHAKE_EVENTS:
+            self.fail(Unauthorized(
+                f"node {self.address} refused the CURVE handshake (no key, a key it does not "
+                "allow, or a security mechanism that does not match its own)"))
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def hello(self, timeout: float) -> None:
+        header = {"v": PROTOCOL_VERSION, "k": "hello", "node": self.endpoint.node_id,
+                  "addr": self.endpoint.address}
+        try:
+            info = await self.call(header, timeout)
+        except AskTimeout:
+            raise NodeLost(f"no answer from {self.address} within {timeout} s "
+                           "(is a node listening there?)") from None
+        if not isinstance(info, dict) or info.get("v") != PROTOCOL_VERSION:
+            raise ProtocolError(f"node {self.address} speaks protocol "
+                                f"{info.get('v') if isinstance(info, dict) else info!r}, "
+                                f"this node speaks {PROTOCOL_VERSION}")
+        self.node_id = str(info.get("node"))
+        self._stop_monitor()
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            self.sock.sock.disable_monitor()
+            self._monitor.close()
+            self._monitor = None
+
+    def on_lost(self, callback: Callable[[Peer], None]) -> None:
+        self._on_lost.append(callback)
+
+    def fail(self, error: ShardlineError) -> None:
+        """Declare the peer lost: every pending request fails with ``error``."""
+        if self.lost.is_set():
+            return
+        self.lost_reason = str(error)
+        self.lost.set()
+        self._stop_monitor()
+        self.sock.close()
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        for callback in self._on_lost:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("peer-lost callback raised")
+        self.endpoint.forget(self)
+
+    def close(self) -> None:
+        self.fail(NodeLost(f"connection to {self.address} closed"))
+
+    def __repr__(self) -> str:
+        state = "lost" if self.lost.is_set() else "alive"
+        return f"<Peer {self.address} {state}, {len(self.pending)} pending>"
+
+
+def _what(header: dict[str, Any]) -> str:
+    kind = header.get("k")
+    if kind in ("call", "tell"):
+        return f"{kind} {header.get('m')!r}"
+    return str(kind)
