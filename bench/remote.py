@@ -156,7 +156,7 @@ def main() -> None:
     names = [("rtt_us", "latency, one outstanding", True),
              ("per_s_100_in_flight", "throughput, 100 in flight", False),
              (f"mib_per_s_{opts.mib}mib_tensor", "bandwidth", False)]
-    for (metric, what, lower_better), r, s in zip(names, raw, ours):
+    for (metric, what, lower_better), r, s in zip(names, raw, ours, strict=True):
         emit(bench="remote", metric=metric, what=what, raw_pyzmq=round(r, 1),
              shardline=round(s, 1), ratio=round(s / r, 3),
              better="lower" if lower_better else "higher")

@@ -18,7 +18,8 @@ def run_node(args: argparse.Namespace) -> int:
     try:
         node = Node(args.listen, allow=args.allow, advertise=args.advertise, keys=args.keys,
                     allow_keys=args.allow_keys, insecure=args.insecure,
-                    peer_timeout=args.peer_timeout)
+                    peer_timeout=args.peer_timeout, max_frame_size=args.max_frame_size,
+                    max_header_size=args.max_header_size, max_frames=args.max_frames)
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"shardline node: {exc}\n")
         return 2

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="allow a non-loopback address without CURVE keys")
     node.add_argument("--peer-timeout", type=float, default=5.0,
                       help="seconds of silence before a peer is declared lost (default 5)")
+    node.add_argument("--max-frame-size", type=int, default=1 << 30, metavar="BYTES",
+                      help="largest frame accepted; a peer sending more is disconnected")
+    node.add_argument("--max-header-size", type=int, default=16 << 20, metavar="BYTES")
+    node.add_argument("--max-frames", type=int, default=1024, metavar="N",
+                      help="most buffer frames in one message")
     node.add_argument("--log-level", default=os.environ.get("SHARDLINE_LOG", "WARNING"))
 
     keys = sub.add_parser("keys", help="CURVE keys")

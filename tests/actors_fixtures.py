@@ -79,3 +79,25 @@ class Sleeper(sl.Actor):
     def stats(self) -> dict[str, int]:
         return {"peak": self.peak, "handled": self.handled, "cancelled": self.cancelled,
                 "active": self.active}
+
+
+class Echo(sl.Actor):
+    """Returns what it was given (values cross the wire twice)."""
+
+    def echo(self, value: Any) -> Any:
+        return value
+
+    def echo_many(self, *args: Any, **kwargs: Any) -> list[Any]:
+        return [list(args), kwargs]
+
+    async def call(self, ref: sl.ActorRef, method: str, *args: Any) -> Any:
+        """Call another actor from here: refs resolve on whatever node holds them."""
+        return await ref.ask(method, *args, timeout=10.0)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def peers(self) -> list[str]:
+        return [p.address for p in self.node.peers()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,7 +32,8 @@ class LocalCluster:
 
     def __init__(self, n: int = 2, *, allow: Iterable[str] = (), node: Node | None = None,
                  peer_timeout: float = 5.0, start_timeout: float = 60.0,
-                 stop_timeout: float = 5.0, env: dict[str, str] | None = None) -> None:
+                 stop_timeout: float = 5.0, env: dict[str, str] | None = None,
+                 node_args: Iterable[str] = ()) -> None:
         if n < 1:
             raise ValueError(f"a cluster needs n >= 1 workers, got {n}")
         self.n = n
@@ -40,6 +42,7 @@ class LocalCluster:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self._env = env
+        self._node_args = list(node_args)  # extra ``shardline node`` flags
         self._own_node = node is None
         self.node = node if node is not None else Node(peer_timeout=peer_timeout)
         self.nodes: list[RemoteNode] = []
@@ -51,7 +54,7 @@ class LocalCluster:
                "--peer-timeout", str(self.peer_timeout)]
         for module in self.allow:
             cmd += ["--allow", module]
-        return cmd
+        return cmd + self._node_args
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -116,10 +119,8 @@ class LocalCluster:
 
 async def _reap(proc: Process, grace: float) -> None:
     if proc.returncode is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         with anyio.move_on_after(grace):
             await proc.wait()
         if proc.returncode is None:

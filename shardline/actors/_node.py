@@ -16,7 +16,6 @@ from anyio.abc import TaskGroup
 from .._errors import ActorNameTaken, ActorNotFound
 from ..transport import EXT_REF, Codec, Endpoint, KeyPair, Limits, Peer, new_node_id
 from ..transport import load_allow_keys as _load_allow_keys
-from ..transport import split_key as _split_key
 from ._actor import Actor
 from ._cell import ActorCell
 from ._lifecycle import OnError, RestartPolicy
@@ -196,12 +195,6 @@ class Node:
     async def _peer(self, address: str, timeout: float | None = None) -> Peer:
         endpoint = self._ensure_endpoint()
         return await endpoint.peer(address, timeout=timeout or self.connect_timeout)
-
-    def _cached_peer(self, address: str) -> Peer | None:
-        endpoint = self._endpoint
-        if endpoint is None:
-            return None
-        return endpoint.cached_peer(_split_key(address)[0])
 
     def _cell(self, actor_id: Any) -> ActorCell:
         cell = self._cells.get(actor_id)

@@ -38,24 +38,38 @@ V = PROTOCOL_VERSION
 class RemoteTarget:
     """Delivers a ref's messages to an actor on another node."""
 
-    __slots__ = ("_actor_id", "_address", "_node")
+    __slots__ = ("_actor_id", "_address", "_bound", "_node")
 
     def __init__(self, node: Node, address: str, actor_id: int) -> None:
         self._node = node
         self._address = address
         self._actor_id = actor_id
+        # The connection this ref first used. An actor dies with its node's process, so
+        # once that connection is lost the ref stays dead, even if a new node later
+        # listens on the same address (its actors have other ids).
+        self._bound: Peer | None = None
 
     async def _peer(self) -> Peer:
-        return await self._node._peer(self._address)
+        peer = self._bound
+        if peer is None:
+            peer = self._bound = await self._node._peer(self._address)
+        if peer.is_lost:
+            raise NodeLost(f"node {self._address} was lost ({peer.lost_reason}); "
+                           f"actor #{self._actor_id} is gone")
+        return peer
 
     async def ask(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                   timeout: float | None) -> Any:
-        peer = self._node._cached_peer(self._address) or await self._peer()
+        peer = self._bound
+        if peer is None or peer.is_lost:
+            peer = await self._peer()
         return await peer.call({"v": V, "k": "call", "to": self._actor_id, "m": method,
                                 "a": args, "kw": kwargs}, timeout)
 
     async def tell(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        peer = self._node._cached_peer(self._address) or await self._peer()
+        peer = self._bound
+        if peer is None or peer.is_lost:
+            peer = await self._peer()
         await peer.tell({"v": V, "k": "tell", "to": self._actor_id, "m": method, "a": args,
                          "kw": kwargs}, self._actor_id, TELL_WINDOW)
 

@@ -156,10 +156,14 @@ class Codec:
             return [data, *buffers]
         return [data]
 
-    def _default(self, obj: Any) -> msgpack.ExtType:
+    def _default(self, obj: Any) -> Any:
         cls = type(obj)
         entry = self._extra_enc.get(cls) or _encoders.get(cls)
         if entry is None:
+            if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
+                return obj.item()  # numpy scalars travel as plain numbers
+            if isinstance(obj, int):
+                raise _Unencodable(obj, "it does not fit in 64 bits; send it as a string")
             entry = self._find_encoder(cls)
             if entry is None:
                 raise _Unencodable(obj, "msgpack cannot carry it and no extension is registered")

@@ -40,6 +40,7 @@ class Peer:
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.last_seen = time.monotonic()
         self.lost = anyio.Event()
+        self.is_lost = False  # plain flag: checked on every ask
         self.lost_reason = ""
         self._on_lost: list[Callable[[Peer], None]] = []
         self._unacked: dict[int, int] = {}
@@ -58,7 +59,7 @@ class Peer:
 
     def request(self, header: dict[str, Any]) -> asyncio.Future[Any]:
         """Send a request; the future resolves with the reply's ``r`` or raises."""
-        if self.lost.is_set():
+        if self.is_lost:
             raise NodeLost(f"node {self.address} is lost ({self.lost_reason})")
         rid = next(self._ids)
         header["id"] = rid
@@ -92,7 +93,7 @@ class Peer:
         """Tell the peer to drop (or cancel) the handler of a call nobody waits for."""
         rid = header["id"]
         if self.pending.pop(rid, None) is not None and header.get("k") == "call" \
-                and not self.lost.is_set():
+                and not self.is_lost:
             self.sock.send(self.endpoint.codec.encode(
                 {"v": PROTOCOL_VERSION, "k": "cancel", "id": rid}))
 
@@ -188,8 +189,9 @@ class Peer:
 
     def fail(self, error: ShardlineError) -> None:
         """Declare the peer lost: every pending request fails with ``error``."""
-        if self.lost.is_set():
+        if self.is_lost:
             return
+        self.is_lost = True
         self.lost_reason = str(error)
         self.lost.set()
         self._stop_monitor()
@@ -209,7 +211,7 @@ class Peer:
         self.fail(NodeLost(f"connection to {self.address} closed"))
 
     def __repr__(self) -> str:
-        state = "lost" if self.lost.is_set() else "alive"
+        state = "lost" if self.is_lost else "alive"
         return f"<Peer {self.address} {state}, {len(self.pending)} pending>"
 
 
