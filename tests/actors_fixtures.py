@@ -101,3 +101,14 @@ class Echo(sl.Actor):
 
     def peers(self) -> list[str]:
         return [p.address for p in self.node.peers()]
+
+
+class Tidy(sl.Actor):
+    """Leaves a file behind from on_stop: proof that a worker stopped it gracefully."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def on_stop(self) -> None:
+        with open(self.path, "w") as f:
+            f.write("on_stop ran")

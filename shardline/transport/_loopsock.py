@@ -45,6 +45,7 @@ class LoopSocket:
         self._check_scheduled = False
         self._closed = False
         self._loop.add_reader(self._fd, self._on_event)
+        self._schedule_check()  # anything that arrived before the reader was added
 
     def send(self, frames: list[Any]) -> None:
         """Queue ``frames`` for sending without blocking; order is preserved."""
