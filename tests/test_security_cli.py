@@ -130,3 +130,28 @@ async def test_local_cluster_stops_worker_actors_gracefully(tmp_path: Path) -> N
     async with sl.LocalCluster(1, allow=["tests"]) as cluster:
         await cluster.nodes[0].spawn("tests.actors_fixtures:Tidy", str(marker))
     assert marker.read_text() == "on_stop ran"
+
+
+async def test_cli_node_with_keys_and_allow_keys_file(tmp_path: Path) -> None:
+    assert cli("keys", "generate", str(tmp_path / "server")).returncode == 0
+    client = KeyPair.write(tmp_path / "client")
+    listing = tmp_path / "allowed.txt"
+    listing.write_text(client.public.decode() + "\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardline.cli", "node", "--keys", str(tmp_path / "server"),
+         "--allow-keys", str(listing), "--allow", "tests"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().split()[2]
+        assert ";key=" in address
+        async with sl.Node(keys=client) as node:
+            c = await (await node.connect(address)).spawn("tests.actors_fixtures:Counter", 1)
+            assert await c.incr() == 2
+        async with sl.Node() as stranger:
+            with pytest.raises(sl.Unauthorized):
+                await stranger.connect(address, timeout=5.0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        if proc.stdout is not None:
+            proc.stdout.close()
