@@ -26,6 +26,16 @@ from .actors import RemoteNode as RemoteNode
 from .actors import StopInfo as StopInfo
 from .actors import StopReason as StopReason
 
+
+def __getattr__(name: str) -> object:
+    # ``sl.models`` imports torch; load it on first use so ``import shardline`` does not.
+    if name == "models":
+        import importlib
+
+        return importlib.import_module("shardline.models")
+    raise AttributeError(f"module 'shardline' has no attribute {name!r}")
+
+
 __all__ = [
     "Actor",
     "ActorError",

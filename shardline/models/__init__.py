@@ -1,0 +1,10 @@
+"""The ML layer: partitioning, stage actors, schedules as data, the pipeline."""
+
+from . import schedules as schedules
+from ._partition import partition as partition
+from ._pipeline import Pipeline as Pipeline
+from ._pipeline import PipelineError as PipelineError
+from ._spec import LayerSpec as LayerSpec
+from ._stage import StageActor as StageActor
+
+__all__ = ["LayerSpec", "Pipeline", "PipelineError", "StageActor", "partition", "schedules"]

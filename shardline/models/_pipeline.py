@@ -1,0 +1,253 @@
+"""``Pipeline``: the user's handle, and the scheduler actor that runs each step."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import torch
+from torch import nn
+
+from .. import Actor, ActorRef, Node, RemoteNode, ShardlineError
+from . import _tree
+from ._partition import _layers, balanced_bounds, layer_weights, split_bounds
+from ._spec import LayerSpec
+from ._stage import StageActor
+from .schedules import Schedule, by_name
+
+__all__ = ["Pipeline", "PipelineError", "Scheduler"]
+
+Placement = str | RemoteNode | tuple[RemoteNode, str]
+
+
+class PipelineError(ShardlineError):
+    """A stage failed (raised, or its node was lost) during a step. ``stage`` is the
+    device index of the first stage that failed; the original error is ``__cause__``."""
+
+    def __init__(self, message: str, stage: int) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class Scheduler(Actor):
+    """Runs steps: hands every device its part of the schedule, waits for all of them,
+    and turns the first failure into a ``PipelineError`` (cancelling the rest)."""
+
+    max_concurrency = 64  # concurrent inference calls overlap in the pipeline
+
+    def __init__(self, devices: list[ActorRef], schedule: Schedule) -> None:
+        self.devices = devices
+        self.schedule = schedule
+        self._steps = itertools.count()
+        self._programs = [[str(a) for a in acts] for acts in schedule.actions]
+        self._forwards = [[str(a) for a in acts if a.kind == "F"] for acts in schedule.actions]
+
+    async def train_step(self, x: Any, y: Any) -> float:
+        m = self.schedule.n_microbatches
+        xs, ys = _tree.split(x, m), _tree.split(y, m)
+        results = await self._run(self._programs, dict(enumerate(xs)), dict(enumerate(ys)),
+                                  True, m)
+        losses: dict[int, float] = {}
+        for r in results:
+            losses.update(r.get("losses", {}))
+        return sum(losses.values()) / m
+
+    async def infer(self, x: Any) -> Any:
+        first = _tree.leaves(x)
+        m = max(1, min(self.schedule.n_microbatches, first[0].shape[0] if first else 1))
+        xs = _tree.split(x, m)
+        programs = [[str(a) for a in acts if a.kind == "F" and a.mb < m]
+                    for acts in self.schedule.actions]
+        results = await self._run(programs, dict(enumerate(xs)), None, False, m)
+        outputs: dict[int, Any] = {}
+        for r in results:
+            outputs.update(r.get("outputs", {}))
+        return _tree.cat([outputs[i] for i in range(m)])
+
+    async def _run(self, programs: list[list[str]], inputs: dict[int, Any],
+                   targets: dict[int, Any] | None, train: bool, m: int) -> list[dict[str, Any]]:
+        step = next(self._steps)
+        first_device = self.schedule.device_of(0)
+        last_device = self.schedule.device_of(self.schedule.n_stages - 1)
+        results: list[dict[str, Any]] = [{} for _ in self.devices]
+        failure: list[tuple[int, BaseException]] = []
+
+        async def one(d: int, ref: ActorRef) -> None:
+            try:
+                results[d] = await ref.run(
+                    step, programs[d], inputs if d == first_device else None,
+                    targets if d == last_device else None, train, m)
+            except Exception as exc:
+                if not failure:
+                    failure.append((d, exc))
+                tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for d, ref in enumerate(self.devices):
+                tg.start_soon(one, d, ref)
+        if failure:
+            d, exc = failure[0]
+            raise PipelineError(f"stage {d} failed: {type(exc).__name__}: {exc}", d) from exc
+        return results
+
+
+class Pipeline:
+    """A model split over stage actors. Build it with ``await Pipeline.start(...)``."""
+
+    def __init__(self, node: Node, scheduler: ActorRef, devices: list[ActorRef],
+                 schedule: Schedule) -> None:
+        self.node = node
+        self.scheduler = scheduler
+        self.devices = devices
+        self.schedule = schedule
+
+    @classmethod
+    async def start(cls, node: Node, model: nn.Module | LayerSpec, *,
+                    stages: int | None = None, split_points: Sequence[int] | None = None,
+                    placement: Sequence[Placement] | None = None, schedule: str = "1f1b",
+                    microbatches: int = 8, chunks: int = 2,
+                    loss_fn: str | Callable[..., torch.Tensor] | None = None,
+                    optimizer: tuple[str, dict[str, Any]] | None = None,
+                    balance: str = "params") -> Pipeline:
+        """Split ``model`` into stages, spawn a ``StageActor`` per device, connect them.
+
+        ``stages`` counts devices; with ``schedule="interleaved-1f1b"`` each device holds
+        ``chunks`` stages. ``placement`` has one entry per device: ``"cpu"``/``"cuda:0"``
+        (this process), a ``RemoteNode``, or ``(RemoteNode, "cuda:1")``. A plain
+        ``nn.Module`` can only be placed in this process; use a ``LayerSpec`` for remote
+        stages.
+        """
+        if split_points is not None:
+            n_devices = len(split_points) + 1
+        elif stages is not None:
+            n_devices = stages
+        elif placement is not None:
+            n_devices = len(placement)
+        else:
+            raise ValueError("give stages=N, split_points=[...] or a placement list")
+        if placement is None:
+            placement = ["cpu"] * n_devices
+        if len(placement) != n_devices:
+            raise ValueError(f"placement has {len(placement)} entries for {n_devices} devices")
+        v = chunks if schedule.lower().startswith("interleaved") else 1
+        if split_points is not None and v > 1:
+            raise ValueError("split_points gives one stage per device; interleaved schedules "
+                             "need stages=N")
+        plan = by_name(schedule, n_devices, microbatches, v)
+        n_stages = plan.n_stages
+
+        if isinstance(model, LayerSpec):
+            n_layers = model.n_layers
+            layers: list[nn.Module] | None = None
+            names = [str(i) for i in range(n_layers)]
+            weights = [1.0] * n_layers
+        else:
+            layers = _layers(model)
+            n_layers = len(layers)
+            names = _layer_names(model)
+            weights = layer_weights(layers, balance)
+        if split_points is not None:
+            bounds = split_bounds(n_layers, split_points)
+        else:
+            bounds = balanced_bounds(weights, n_stages)
+
+        if layers is not None and any(not isinstance(p, str) for p in placement):
+            raise ValueError("an nn.Module can only be placed on this process's devices; "
+                             "describe it with a LayerSpec to place stages on other nodes")
+        remote = any(not isinstance(p, str) for p in placement)
+        if remote and any(isinstance(p, str) for p in placement) and not node.address.startswith(
+                "tcp://"):
+            raise ValueError("mixing local and remote stages needs this node to listen "
+                             "(Node(listen='tcp://...')) so remote stages can reach local ones")
+
+        devices: list[ActorRef] = []
+        try:
+            for d, where in enumerate(placement):
+                held = [s for s in range(n_stages) if plan.device_of(s) == d]
+                kwargs: dict[str, Any] = {
+                    "device_index": d, "stages": held, "n_stages": n_stages,
+                    "bounds": [list(bounds[s]) for s in held],
+                    "layer_names": [names[bounds[s][0]:bounds[s][1]] for s in held],
+                    "optimizer": list(optimizer) if optimizer is not None else None,
+                }
+                last_here = (n_stages - 1) in held
+                if isinstance(where, str):
+                    if layers is not None:
+                        kwargs["modules"] = [nn.Sequential(*layers[bounds[s][0]:bounds[s][1]])
+                                             for s in held]
+                    else:
+                        assert isinstance(model, LayerSpec)
+                        kwargs["spec"] = model.to_wire()
+                    kwargs["loss_fn"] = loss_fn if last_here else None
+                    devices.append(await node.spawn(StageActor, device=where, **kwargs))
+                else:
+                    remote_node, dev = (where, "cpu") if isinstance(where, RemoteNode) else where
+                    if last_here and loss_fn is not None and not isinstance(loss_fn, str):
+                        raise ValueError("a remote last stage needs loss_fn as an import "
+                                         "path, e.g. 'torch.nn.functional:cross_entropy'")
+                    assert isinstance(model, LayerSpec)
+                    kwargs["spec"] = model.to_wire()
+                    kwargs["loss_fn"] = loss_fn if last_here else None
+                    devices.append(await remote_node.spawn(
+                        "shardline.models._stage:StageActor", device=dev, **kwargs))
+            peers = [devices[plan.device_of(s)] for s in range(n_stages)]
+            for ref in devices:
+                await ref.connect(peers)
+            scheduler = await node.spawn(Scheduler, devices, plan)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for ref in devices:
+                    await _quietly(ref.stop())
+            raise
+        return cls(node, scheduler, devices, plan)
+
+    async def train_step(self, x: Any, y: Any) -> float:
+        """One optimizer step over the batch ``(x, y)`` split into microbatches; returns
+        the mean of the microbatch losses."""
+        return float(await self.scheduler.train_step(x, y))
+
+    async def __call__(self, x: Any) -> Any:
+        """Inference (no autograd state kept); concurrent calls overlap in the pipeline."""
+        return await self.scheduler.infer(x)
+
+    async def state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded model's ``state_dict()``, gathered from every stage."""
+        out: dict[str, torch.Tensor] = {}
+        for ref in self.devices:
+            out.update(await ref.state_dict())
+        return out
+
+    async def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for ref in self.devices:
+            await ref.load_state_dict(state)
+
+    async def save(self, directory: str) -> None:
+        """Model and optimizer state to ``directory`` (safetensors, atomic per file)."""
+        from ._checkpoint import save_checkpoint
+
+        await save_checkpoint(self, directory)
+
+    async def load(self, directory: str) -> None:
+        from ._checkpoint import load_checkpoint
+
+        await load_checkpoint(self, directory)
+
+    async def stop(self) -> None:
+        """Stop the scheduler and every stage actor."""
+        await _quietly(self.scheduler.stop())
+        for ref in self.devices:
+            await _quietly(ref.stop())
+
+
+async def _quietly(awaitable: Any) -> None:
+    with contextlib.suppress(ShardlineError):  # already gone: nothing left to stop
+        await awaitable
+
+
+def _layer_names(model: nn.Module) -> list[str]:
+    if isinstance(model, (nn.Sequential, nn.ModuleList)):
+        return [str(i) for i in range(len(model))]
+    return [name for name, _ in model.named_children()]
