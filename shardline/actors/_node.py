@@ -52,7 +52,9 @@ class Node:
         self.node_id = new_node_id()
         self.address = f"inproc://{self.node_id}"
         self.listen = listen
-        self.allow = tuple(allow)
+        # shardline's own model layer (stage actors, reference models) is always allowed:
+        # pipelines need it on every worker, and it runs no code a peer chooses.
+        self.allow = ("shardline.models", *(a for a in allow if a != "shardline.models"))
         self.advertise = advertise
         self.keys = keys if isinstance(keys, KeyPair) or keys is None else KeyPair.load(keys)
         self.allow_keys = _load_allow_keys(allow_keys or ())

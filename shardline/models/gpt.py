@@ -1,0 +1,134 @@
+"""A small GPT built as a flat sequence of layers, so it partitions naturally.
+
+Layer 0 embeds tokens (plus learned positions), layers 1..n are transformer blocks,
+the last layer is the final norm and the output head. ``layers(config, start, end)``
+builds any contiguous slice, which is what a remote stage calls through
+``LayerSpec("shardline.models.gpt:layers", config, n_layers(config))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+__all__ = ["DEFAULT", "Block", "Embed", "Head", "generate", "layers", "loss", "model",
+           "n_layers", "spec"]
+
+DEFAULT: dict[str, Any] = {"vocab": 256, "dim": 128, "heads": 4, "blocks": 4, "seq": 128,
+                           "seed": 0}
+
+
+def _cfg(config: dict[str, Any]) -> dict[str, Any]:
+    return {**DEFAULT, **config}
+
+
+class Embed(nn.Module):
+    def __init__(self, vocab: int, dim: int, seq: int) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(seq, dim)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.tokens(idx) + self.positions(pos)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with causal self-attention."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(x))
+
+
+def n_layers(config: dict[str, Any] | None = None) -> int:
+    return int(_cfg(config or {})["blocks"]) + 2
+
+
+def layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
+    """Layers ``[start, end)``; each layer's initial weights depend only on the seed and
+    its index, so every split of the model starts from the same weights."""
+    c = _cfg(config)
+    total = n_layers(c)
+    if not 0 <= start < end <= total:
+        raise ValueError(f"layer range [{start}, {end}) outside [0, {total})")
+    out = []
+    for i in range(start, end):
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(int(c["seed"]) * 1000 + i)
+        try:
+            if i == 0:
+                layer: nn.Module = Embed(c["vocab"], c["dim"], c["seq"])
+            elif i == total - 1:
+                layer = Head(c["dim"], c["vocab"])
+            else:
+                layer = Block(c["dim"], c["heads"])
+                for name, p in layer.named_parameters():
+                    if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                        nn.init.normal_(p, std=0.02 / math.sqrt(2 * c["blocks"]))
+        finally:
+            torch.random.set_rng_state(gen_state)
+        out.append(layer)
+    return nn.Sequential(*out)
+
+
+def model(config: dict[str, Any] | None = None) -> nn.Sequential:
+    """The whole model (``layers(config, 0, n_layers(config))``)."""
+    c = _cfg(config or {})
+    return layers(c, 0, n_layers(c))
+
+
+def spec(config: dict[str, Any] | None = None, weights: str | None = None) -> Any:
+    """A ``LayerSpec`` for this GPT, for stages on any node."""
+    from ._spec import LayerSpec
+
+    c = _cfg(config or {})
+    return LayerSpec("shardline.models.gpt:layers", c, n_layers(c), weights)
+
+
+def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy over every position."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def generate(net: nn.Module, prompt: torch.Tensor, new_tokens: int, seq: int,
+             temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample continuations with a local model (greedy when ``temperature == 0``)."""
+    idx = prompt
+    for _ in range(new_tokens):
+        logits = net(idx[:, -seq:])[:, -1, :]
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            probs = F.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
