@@ -17,6 +17,7 @@ from .._errors import (
     ShardlineError,
     Unauthorized,
 )
+from .._runtime import to_thread
 from ..transport import PROTOCOL_VERSION, Peer, Reply
 from ..transport._codec import packb
 from ._actor import Actor
@@ -222,7 +223,7 @@ async def _spawn(node: Node, msg: dict[str, Any], reply: Reply) -> None:
         if not isinstance(path, str) or not isinstance(args, list) or not isinstance(
                 kwargs, dict) or not isinstance(opt, dict):
             raise ProtocolError("spawn needs cls: str, a: array, kw: map, opt: map")
-        cls = _import_actor(path, node.allow)
+        cls = await _import_actor(path, node.allow)
         known = {"name", "mailbox_size", "on_error", "max_restarts", "within"}
         options = {k: v for k, v in opt.items() if k in known}
         reply.set_result(await node.spawn(cls, *args, **options, **kwargs))
@@ -232,14 +233,16 @@ async def _spawn(node: Node, msg: dict[str, Any], reply: Reply) -> None:
         reply.set_exception(actor_error(exc, str(msg.get("cls"))))
 
 
-def _import_actor(path: str, allow: tuple[str, ...]) -> type[Actor]:
+async def _import_actor(path: str, allow: tuple[str, ...]) -> type[Actor]:
     module_name, _, attr = path.partition(":")
     if not any(module_name == a or module_name.startswith(a + ".") for a in allow):
         raise Unauthorized(
             f"this node does not allow spawning from module {module_name!r}; start it with "
             f"--allow {module_name} (allowed now: {', '.join(allow) or 'nothing'})")
     try:
-        obj: Any = importlib.import_module(module_name)
+        # In a thread: a first import (torch, say) can take seconds, and the loop must
+        # keep answering heartbeats meanwhile.
+        obj: Any = await to_thread(importlib.import_module, module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except Exception as exc:

@@ -11,7 +11,7 @@ import anyio
 import torch
 from torch import nn
 
-from .. import Actor, ActorRef, Node, RemoteNode, ShardlineError
+from .. import Actor, ActorError, ActorRef, Node, RemoteNode, ShardlineError, to_thread
 from . import _tree
 from ._partition import _layers, balanced_bounds, layer_weights, split_bounds
 from ._spec import LayerSpec
@@ -163,26 +163,30 @@ class Pipeline:
             raise ValueError("mixing local and remote stages needs this node to listen "
                              "(Node(listen='tcp://...')) so remote stages can reach local ones")
 
-        devices: list[ActorRef] = []
-        try:
-            for d, where in enumerate(placement):
-                held = [s for s in range(n_stages) if plan.device_of(s) == d]
-                kwargs: dict[str, Any] = {
-                    "device_index": d, "stages": held, "n_stages": n_stages,
-                    "bounds": [list(bounds[s]) for s in held],
-                    "layer_names": [names[bounds[s][0]:bounds[s][1]] for s in held],
-                    "optimizer": list(optimizer) if optimizer is not None else None,
-                }
-                last_here = (n_stages - 1) in held
+        slots: list[ActorRef | None] = [None] * n_devices
+        errors: list[BaseException] = []
+
+        async def spawn_device(d: int, where: Placement) -> None:
+            held = [s for s in range(n_stages) if plan.device_of(s) == d]
+            last_here = (n_stages - 1) in held
+            kwargs: dict[str, Any] = {
+                "device_index": d, "stages": held, "n_stages": n_stages,
+                "bounds": [list(bounds[s]) for s in held],
+                "layer_names": [names[bounds[s][0]:bounds[s][1]] for s in held],
+                "optimizer": list(optimizer) if optimizer is not None else None,
+                "loss_fn": loss_fn if last_here else None,
+            }
+            try:
                 if isinstance(where, str):
                     if layers is not None:
                         kwargs["modules"] = [nn.Sequential(*layers[bounds[s][0]:bounds[s][1]])
                                              for s in held]
-                    else:
+                    else:  # built here: this process chose the spec, nothing to allow
                         assert isinstance(model, LayerSpec)
-                        kwargs["spec"] = model.to_wire()
-                    kwargs["loss_fn"] = loss_fn if last_here else None
-                    devices.append(await node.spawn(StageActor, device=where, **kwargs))
+                        kwargs["modules"] = [
+                            await to_thread(model.build, bounds[s][0], bounds[s][1])
+                            for s in held]
+                    slots[d] = await node.spawn(StageActor, device=where, **kwargs)
                 else:
                     remote_node, dev = (where, "cpu") if isinstance(where, RemoteNode) else where
                     if last_here and loss_fn is not None and not isinstance(loss_fn, str):
@@ -190,9 +194,20 @@ class Pipeline:
                                          "path, e.g. 'torch.nn.functional:cross_entropy'")
                     assert isinstance(model, LayerSpec)
                     kwargs["spec"] = model.to_wire()
-                    kwargs["loss_fn"] = loss_fn if last_here else None
-                    devices.append(await remote_node.spawn(
-                        "shardline.models._stage:StageActor", device=dev, **kwargs))
+                    slots[d] = await remote_node.spawn(
+                        "shardline.models._stage:StageActor", device=dev, **kwargs)
+            except Exception as exc:
+                errors.append(exc)
+
+        devices: list[ActorRef] = []
+        try:
+            # In parallel: a first stage on a fresh worker spends seconds importing torch.
+            async with anyio.create_task_group() as tg:
+                for d, where in enumerate(placement):
+                    tg.start_soon(spawn_device, d, where)
+            devices = [ref for ref in slots if ref is not None]
+            if errors:
+                raise errors[0]
             peers = [devices[plan.device_of(s)] for s in range(n_stages)]
             for ref in devices:
                 await ref.connect(peers)
@@ -206,12 +221,21 @@ class Pipeline:
 
     async def train_step(self, x: Any, y: Any) -> float:
         """One optimizer step over the batch ``(x, y)`` split into microbatches; returns
-        the mean of the microbatch losses."""
-        return float(await self.scheduler.train_step(x, y))
+        the mean of the microbatch losses. A failed stage raises ``PipelineError``."""
+        return float(await self._schedule("train_step", x, y))
 
     async def __call__(self, x: Any) -> Any:
         """Inference (no autograd state kept); concurrent calls overlap in the pipeline."""
-        return await self.scheduler.infer(x)
+        return await self._schedule("infer", x)
+
+    async def _schedule(self, method: str, *args: Any) -> Any:
+        try:
+            return await self.scheduler.ask(method, *args)
+        except ActorError as exc:
+            # The scheduler lives here; its PipelineError is the error to show.
+            if isinstance(exc.__cause__, PipelineError):
+                raise exc.__cause__ from exc.__cause__.__cause__
+            raise
 
     async def state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded model's ``state_dict()``, gathered from every stage."""

@@ -76,8 +76,8 @@ def load_shard_weights(shard: nn.Sequential, path: str | os.PathLike[str], start
 
 
 def import_path(path: str, allow: Sequence[str] | None = None) -> Callable[..., Any]:
-    """Import ``"pkg.module:attr"`` (or ``"pkg.module.attr"``). With ``allow`` (a remote node's allow-list), only
-    torch and the allowed modules may be imported."""
+    """Import ``"pkg.module:attr"`` (or ``"pkg.module.attr"``). With ``allow`` (a
+    remote node's allow-list), only torch and the allowed modules may be imported."""
     if ":" in path:
         module_name, _, attr = path.partition(":")
     else:  # "torch.optim.AdamW" style

@@ -41,31 +41,47 @@ class StageActor(Actor):
         self.stages = list(stages)                 # virtual stages held, ascending
         self.n_stages = n_stages
         self.device = torch.device(device)
-        allow = None if modules is not None else self.node.allow
-        if modules is None:
-            if spec is None:
-                raise ValueError("a stage needs either modules or a LayerSpec")
-            layer_spec = LayerSpec.from_wire(spec)
-            modules = [layer_spec.build(a, b, allow) for a, b in bounds]
-        self.chunks: dict[int, nn.Module] = {
-            s: m.to(self.device) for s, m in zip(self.stages, modules, strict=True)}
-        self.names: dict[int, list[str]] = {
-            s: (names if layer_names else [str(i) for i in range(a, b)])
-            for s, names, (a, b) in zip(self.stages, layer_names or [[]] * len(bounds),
-                                        bounds, strict=True)}
+        self._modules = modules
+        self._spec = spec
+        self._bounds = bounds
+        self._layer_names = layer_names
+        self._optimizer_spec = optimizer
+        self._loss_spec = loss_fn
+        self.chunks: dict[int, nn.Module] = {}
+        self.names: dict[int, list[str]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
-        if optimizer is not None:
-            path, kwargs = optimizer
-            opt_cls = import_path(str(path), allow)
-            self.optimizer = opt_cls(self._parameters(), **dict(kwargs or {}))
-        self.loss_fn: Callable[..., torch.Tensor] | None = (
-            import_path(loss_fn, allow) if isinstance(loss_fn, str) else loss_fn)
+        self.loss_fn: Callable[..., torch.Tensor] | None = None
         self.peers: list[ActorRef] = []            # device actor of every virtual stage
         self._inbox: dict[tuple[int, str, int, int], Any] = {}
         self._arrived: dict[tuple[int, str, int, int], anyio.Event] = {}
         self._finished: set[int] = set()
         self._finished_order: deque[int] = deque()
         self._device_lock = anyio.Lock()
+
+    async def on_start(self) -> None:
+        # Building (and loading) a shard can take long: off the loop, so the node keeps
+        # answering heartbeats.
+        await to_thread(self._build)
+
+    def _build(self) -> None:
+        modules, bounds = self._modules, self._bounds
+        allow = None if modules is not None else self.node.allow
+        if modules is None:
+            if self._spec is None:
+                raise ValueError("a stage needs either modules or a LayerSpec")
+            layer_spec = LayerSpec.from_wire(self._spec)
+            modules = [layer_spec.build(a, b, allow) for a, b in bounds]
+        self._modules = None  # the chunks own them now
+        self.chunks = {s: m.to(self.device)
+                       for s, m in zip(self.stages, modules, strict=True)}
+        names = self._layer_names or [[str(i) for i in range(a, b)] for a, b in bounds]
+        self.names = dict(zip(self.stages, names, strict=True))
+        if self._optimizer_spec is not None:
+            path, kwargs = self._optimizer_spec
+            opt_cls = import_path(str(path), allow)
+            self.optimizer = opt_cls(self._parameters(), **dict(kwargs or {}))
+        loss = self._loss_spec
+        self.loss_fn = import_path(loss, allow) if isinstance(loss, str) else loss
 
     def _parameters(self) -> list[nn.Parameter]:
         return [p for s in self.stages for p in self.chunks[s].parameters()]

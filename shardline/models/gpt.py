@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 __all__ = ["DEFAULT", "Block", "Embed", "Head", "generate", "layers", "loss", "model",
            "n_layers", "spec"]
@@ -34,7 +34,8 @@ class Embed(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.tokens(idx) + self.positions(pos)
+        out: torch.Tensor = self.tokens(idx) + self.positions(pos)
+        return out
 
 
 class Block(nn.Module):
@@ -55,7 +56,8 @@ class Block(nn.Module):
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.norm2(x))
+        out: torch.Tensor = x + self.mlp(self.norm2(x))
+        return out
 
 
 class Head(nn.Module):
@@ -65,7 +67,8 @@ class Head(nn.Module):
         self.out = nn.Linear(dim, vocab)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm(x))
+        logits: torch.Tensor = self.out(self.norm(x))
+        return logits
 
 
 def n_layers(config: dict[str, Any] | None = None) -> int:
