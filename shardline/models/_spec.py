@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,8 @@ from torch import nn
 from .._errors import Unauthorized
 
 __all__ = ["LayerSpec", "import_path", "load_shard_weights"]
+
+_BUILD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,10 @@ class LayerSpec:
 
     def build(self, start: int, end: int, allow: Sequence[str] | None = None) -> nn.Sequential:
         fn = import_path(self.factory, allow)
-        shard = fn(self.config, start, end)
+        # One build at a time per process: factories seed torch's global RNG to make
+        # every split start from the same weights, and that RNG is shared by threads.
+        with _BUILD_LOCK:
+            shard = fn(self.config, start, end)
         if not isinstance(shard, nn.Sequential) or len(shard) != end - start:
             raise TypeError(f"{self.factory}(config, {start}, {end}) must return an "
                             f"nn.Sequential of {end - start} layers, got {type(shard).__name__}")
