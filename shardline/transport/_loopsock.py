@@ -25,6 +25,9 @@ log = logging.getLogger("shardline.transport")
 
 # Messages handled per readable event before yielding to other tasks.
 _BATCH = 512
+# Plain ints: pyzmq's constants are enums, and enum arithmetic costs microseconds.
+_EVENTS, _RCVMORE = int(zmq.EVENTS), int(zmq.RCVMORE)
+_POLLIN, _POLLOUT, _NOBLOCK = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
 
 
 class LoopSocket:
@@ -53,7 +56,7 @@ class LoopSocket:
             return
         if not self._outbox:
             try:
-                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                self.sock.send_multipart(frames, _NOBLOCK, copy=False)
             except zmq.Again:
                 self._outbox.append(frames)
         else:
@@ -75,7 +78,7 @@ class LoopSocket:
         outbox = self._outbox
         while outbox:
             try:
-                sock.send_multipart(outbox[0], zmq.NOBLOCK, copy=False)
+                sock.send_multipart(outbox[0], _NOBLOCK, copy=False)
             except zmq.Again:
                 return
             outbox.popleft()
@@ -86,10 +89,10 @@ class LoopSocket:
             return
         sock = self.sock
         try:
-            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
-            if events & zmq.POLLOUT and self._outbox:
+            events: int = sock.getsockopt(_EVENTS)  # type: ignore[assignment]
+            if events & _POLLOUT and self._outbox:
                 self._flush()
-            if not events & zmq.POLLIN:
+            if not events & _POLLIN:
                 return
             for _ in range(_BATCH):
                 frames = self._recv()
@@ -111,12 +114,12 @@ class LoopSocket:
     def _recv(self) -> list[Any] | None:
         sock = self.sock
         try:
-            first = sock.recv(zmq.NOBLOCK)
+            first = sock.recv(_NOBLOCK)
         except zmq.Again:
             return None
         frames: list[Any] = [first]
         copied = self._copied
-        while sock.getsockopt(zmq.RCVMORE):
+        while sock.getsockopt(_RCVMORE):
             if len(frames) < copied:
                 frames.append(sock.recv())
             else:

@@ -1,0 +1,185 @@
+"""Pipeline benchmarks, each with its baseline measured in the same run.
+
+    python -m bench.pipeline [--steps 5] [--skip-torch]
+
+(a) Scheduler overhead: 4 stages in 4 worker processes whose forward/backward sleep
+    10 ms / 20 ms off the event loop (the device is busy, the CPU is free), m=8; measured
+    step time vs the simulator's ideal makespan, for GPipe and 1F1B.
+(b) The small GPT, 2 stages in 2 processes, 1F1B, against torch.distributed.pipelining
+    (Schedule1F1B, gloo, 2 processes) on the same batch: step time ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+import shardline as sl
+from bench._common import emit
+from shardline.models import LayerSpec, Pipeline, gpt, schedules
+
+FORWARD_S, BACKWARD_S = 0.010, 0.020
+GPT = {"blocks": 4, "dim": 128, "heads": 4, "seq": 64, "vocab": 256}
+BATCH, MICRO = 16, 4
+
+
+class _Nap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fwd: float, bwd: float) -> torch.Tensor:
+        time.sleep(fwd)
+        ctx.bwd = bwd
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        time.sleep(ctx.bwd)
+        return grad, None, None
+
+
+class Nap(nn.Module):
+    def __init__(self, fwd: float, bwd: float) -> None:
+        super().__init__()
+        self.fwd, self.bwd = fwd, bwd
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Nap.apply(x * self.w, self.fwd, self.bwd)  # type: ignore[no-any-return]
+
+
+def nap_layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
+    return nn.Sequential(*(Nap(config["forward_s"], config["backward_s"])
+                           for _ in range(start, end)))
+
+
+async def step_times(pipe: Pipeline, x: Any, y: Any, steps: int) -> list[float]:
+    await pipe.train_step(x, y)  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        await pipe.train_step(x, y)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+async def overhead(steps: int) -> None:
+    p, m = 4, 8
+    spec = LayerSpec("bench.pipeline:nap_layers",
+                     {"forward_s": FORWARD_S, "backward_s": BACKWARD_S}, p)
+    x, y = torch.randn(m * 2, 16), torch.randn(m * 2, 16)
+    async with sl.LocalCluster(p, allow=["bench"]) as cluster:
+        for name in ("gpipe", "1f1b"):
+            ideal = schedules.simulate(schedules.by_name(name, p, m), FORWARD_S,
+                                       BACKWARD_S).makespan
+            pipe = await Pipeline.start(cluster.node, spec, placement=cluster.nodes,
+                                        schedule=name, microbatches=m,
+                                        loss_fn="torch.nn.functional:mse_loss",
+                                        optimizer=("torch.optim.SGD", {"lr": 0.0}))
+            measured = statistics.median(await step_times(pipe, x, y, steps))
+            await pipe.stop()
+            emit(bench="pipeline", metric=f"step_vs_ideal_{name}", stages=p, microbatches=m,
+                 forward_ms=FORWARD_S * 1e3, backward_ms=BACKWARD_S * 1e3,
+                 ideal_ms=round(ideal * 1e3, 1), shardline_ms=round(measured * 1e3, 1),
+                 ratio=round(measured / ideal, 3))
+
+
+def gpt_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randint(0, GPT["vocab"], (BATCH, GPT["seq"]), generator=gen),
+            torch.randint(0, GPT["vocab"], (BATCH, GPT["seq"]), generator=gen))
+
+
+async def gpt_shardline(steps: int) -> float:
+    x, y = gpt_batch()
+    async with sl.LocalCluster(2) as cluster:
+        pipe = await Pipeline.start(cluster.node, gpt.spec(GPT), placement=cluster.nodes,
+                                    schedule="1f1b", microbatches=MICRO,
+                                    loss_fn="shardline.models.gpt:loss",
+                                    optimizer=("torch.optim.SGD", {"lr": 0.01}))
+        times = await step_times(pipe, x, y, steps)
+        await pipe.stop()
+    return statistics.median(times)
+
+
+def torch_pp_rank(rank: int, port: int, steps: int) -> None:
+    """One rank of the torch.distributed.pipelining baseline (run as a subprocess)."""
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    n = gpt.n_layers(GPT)
+    half = n // 2
+    module = gpt.layers(GPT, 0, half) if rank == 0 else gpt.layers(GPT, half, n)
+    stage = PipelineStage(module, rank, 2, torch.device("cpu"))
+    schedule = Schedule1F1B(stage, MICRO, loss_fn=gpt.loss)
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    x, y = gpt_batch()
+    times = []
+    for i in range(steps + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        if rank == 0:
+            schedule.step(x)
+        else:
+            schedule.step(target=y, losses=[])
+        opt.step()
+        dist.barrier()
+        if i:
+            times.append(time.perf_counter() - t0)
+    if rank == 0:
+        sys.stdout.write(f"{statistics.median(times)}\n")
+    dist.destroy_process_group()
+
+
+def gpt_torch(steps: int) -> float:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.pipeline", "--torch-rank", str(r),
+                               "--port", str(port), "--steps", str(steps)],
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+             for r in range(2)]
+    try:
+        out, _ = procs[0].communicate(timeout=600)
+        procs[1].wait(timeout=60)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--skip-torch", action="store_true", help="only part (a)")
+    parser.add_argument("--torch-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.torch_rank is not None:
+        torch_pp_rank(opts.torch_rank, opts.port, opts.steps)
+        return
+    sl.run(overhead(opts.steps))
+    if opts.skip_torch:
+        return
+    base = gpt_torch(opts.steps)
+    ours = sl.run(gpt_shardline(opts.steps))
+    emit(bench="pipeline", metric="gpt_2stage_1f1b_step_ms", config=GPT, batch=BATCH,
+         microbatches=MICRO, torch_pipelining_ms=round(base * 1e3, 1),
+         shardline_ms=round(ours * 1e3, 1), ratio=round(ours / base, 3))
+
+
+if __name__ == "__main__":
+    main()
