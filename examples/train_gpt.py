@@ -1,0 +1,76 @@
+"""Train the small GPT across two worker processes with pipeline parallelism.
+
+The corpus ships with Python itself (the text of pydoc's help topics), read as bytes,
+so there is nothing to download. Run: python examples/train_gpt.py [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import pydoc_data.topics
+import torch
+
+import shardline as sl
+from shardline.models import Pipeline, gpt
+
+
+def corpus() -> torch.Tensor:
+    text = "\n".join(pydoc_data.topics.topics.values()).encode("utf-8", "replace")
+    return torch.tensor(list(text), dtype=torch.long)
+
+
+def batches(data: torch.Tensor, batch: int, seq: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
+        x = torch.stack([data[s:s + seq] for s in starts])
+        y = torch.stack([data[s + 1:s + seq + 1] for s in starts])
+        yield x, y
+
+
+def bar(step: int, total: int, loss: float, tokens_per_s: float, step_ms: float) -> None:
+    done = int(30 * step / total)
+    sys.stdout.write(f"\r[{'#' * done}{'.' * (30 - done)}] step {step}/{total} "
+                     f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s  {step_ms:.0f} ms/step")
+    sys.stdout.flush()
+
+
+async def main(opts: argparse.Namespace) -> None:
+    config = {"blocks": opts.blocks, "dim": opts.dim, "heads": 4, "seq": opts.seq, "vocab": 256}
+    data = corpus()
+    stream = batches(data, opts.batch, opts.seq)
+    async with sl.LocalCluster(opts.workers) as cluster:
+        pipe = await Pipeline.start(
+            cluster.node, gpt.spec(config), placement=cluster.nodes, schedule=opts.schedule,
+            microbatches=opts.microbatches, loss_fn="shardline.models.gpt:loss",
+            optimizer=("torch.optim.AdamW", {"lr": opts.lr}))
+        first = last = 0.0
+        for step in range(1, opts.steps + 1):
+            x, y = next(stream)
+            t0 = time.perf_counter()
+            last = await pipe.train_step(x, y)
+            dt = time.perf_counter() - t0
+            first = first or last
+            bar(step, opts.steps, last, x.numel() / dt, dt * 1e3)
+        sys.stdout.write("\n")
+        await pipe.save(opts.out)
+        print(f"loss {first:.3f} -> {last:.3f}; checkpoint in {opts.out}/")
+        await pipe.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2, help="stages, one per worker")
+    parser.add_argument("--schedule", default="1f1b")
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--out", default="checkpoints/gpt")
+    sl.run(main(parser.parse_args()))
