@@ -56,49 +56,16 @@ class Boom(nn.Module):
         return x
 
 
-class Nap(nn.Module):
-    """Sleeps a fixed time in forward and backward, like a device kernel: the thread
-    waits, the CPU is free."""
-
-    def __init__(self, forward_s: float, backward_s: float) -> None:
-        super().__init__()
-        self.forward_s = forward_s
-        self.backward_s = backward_s
-        self.w = nn.Parameter(torch.ones(()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Nap.apply(x * self.w, self.forward_s, self.backward_s)  # type: ignore[no-any-return]
-
-
-class _Nap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, fwd: float, bwd: float) -> torch.Tensor:
-        import time
-
-        time.sleep(fwd)
-        ctx.bwd = bwd
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        import time
-
-        time.sleep(ctx.bwd)
-        return grad, None, None
-
-
 def layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
     """``config["kind"]``: ``"mlp"`` (Linear/Tanh), ``"tree"`` (dict/tuple activations),
-    ``"boom"`` (mlp with a Boom layer at ``config["boom_at"]``), ``"nap"``."""
+    ``"boom"`` (mlp with a Boom layer at ``config["boom_at"]``)."""
     kind = config.get("kind", "mlp")
     dim, n = int(config.get("dim", 8)), int(config["n"])
     out = []
     for i in range(start, end):
         torch.manual_seed(1000 + i)
         layer: nn.Module
-        if kind == "nap":
-            layer = Nap(config["forward_s"], config["backward_s"])
-        elif kind == "boom" and i == config.get("boom_at"):
+        if kind == "boom" and i == config.get("boom_at"):
             layer = Boom()
         elif kind == "tree":
             layer = Wide(dim) if i == 0 else Narrow(dim, 4) if i == n - 1 else Mix(dim)

@@ -224,9 +224,10 @@ async def test_a_failing_stage_surfaces_as_an_error() -> None:
 
 async def test_a_killed_stage_process_surfaces_within_peer_timeout() -> None:
     peer_timeout = 1.0
-    nap = spec("nap", n=4, forward_s=0.2, backward_s=0.2)
+    # layers that take 0.2 s each way, as a GPU kernel would (the benchmark's model)
+    nap = LayerSpec("bench.pipeline:nap_layers", {"forward_s": 0.2, "backward_s": 0.2}, 4)
     async with sl.Node(peer_timeout=peer_timeout) as driver, \
-            sl.LocalCluster(2, allow=["tests"], node=driver,
+            sl.LocalCluster(2, allow=["bench"], node=driver,
                             peer_timeout=peer_timeout) as cluster:
         pipe = await Pipeline.start(driver, nap, placement=cluster.nodes, microbatches=4,
                                     loss_fn="torch.nn.functional:mse_loss",

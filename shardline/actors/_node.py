@@ -212,9 +212,18 @@ class Node:
         return None if cell is None else cell.ref
 
     def _start_task(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Run ``fn(*args)`` in the node's task group. A failure is logged, never allowed
+        to take the node down: these tasks serve what peers asked for."""
         if self._tg is None:
             raise RuntimeError("the node is not running")
-        self._tg.start_soon(fn, *args)
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:
+                log.exception("background task %s failed", getattr(fn, "__qualname__", fn))
+
+        self._tg.start_soon(guarded)
 
     # -- local registry ----------------------------------------------------------------
 

@@ -229,7 +229,7 @@ async def _spawn(node: Node, msg: dict[str, Any], reply: Reply) -> None:
         reply.set_result(await node.spawn(cls, *args, **options, **kwargs))
     except ShardlineError as exc:
         reply.set_exception(exc)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # bad arguments, a node shutting down: the peer hears why
         reply.set_exception(actor_error(exc, str(msg.get("cls"))))
 
 
@@ -254,9 +254,11 @@ async def _import_actor(path: str, allow: tuple[str, ...]) -> type[Actor]:
 
 async def _stop(node: Node, msg: dict[str, Any], reply: Reply) -> None:
     cell = node._cell_or_none(msg.get("to"))
-    if cell is not None:
-        await cell.stop()
-    reply.set_result(None)
+    try:
+        if cell is not None:
+            await cell.stop()
+    finally:
+        reply.set_result(None)
 
 
 async def _watch(node: Node, msg: dict[str, Any], reply: Reply) -> None:
