@@ -7,10 +7,10 @@ so there is nothing to download. Run: python examples/train_gpt.py [--steps 200]
 from __future__ import annotations
 
 import argparse
+import pydoc_data.topics
 import sys
 import time
 
-import pydoc_data.topics
 import torch
 
 import shardline as sl

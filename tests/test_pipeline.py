@@ -267,6 +267,6 @@ async def test_partition_balances_and_splits() -> None:
 
 async def test_remote_stage_refuses_unallowed_imports() -> None:
     async with sl.LocalCluster(1) as cluster:   # "tests" not allowed there
-        with pytest.raises(sl.ActorError, match="Unauthorized|does not allow"):
+        with pytest.raises(sl.ActorError, match=r"Unauthorized|does not allow"):
             await Pipeline.start(cluster.node, spec(), placement=cluster.nodes,
                                  loss_fn=CE)
