@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -24,7 +25,7 @@ def run_node(args: argparse.Namespace) -> int:
         sys.stderr.write(f"shardline node: {exc}\n")
         return 2
     try:
-        run(_serve(node))
+        run(_serve(node, args.exit_with_parent))
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"shardline node: {exc}\n")
         return 2
@@ -34,11 +35,23 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(node: Node) -> None:
+async def _serve(node: Node, exit_with_parent: bool) -> None:
+    parent = os.getppid()
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with node:
+        async with node, anyio.create_task_group() as tg:
             # The first line of stdout is the contract LocalCluster and scripts read.
             sys.stdout.write(f"shardline node {node.address} id={node.node_id}\n")
             sys.stdout.flush()
+            if exit_with_parent:
+                tg.start_soon(_exit_with_parent, parent, tg.cancel_scope)
             async for _ in signals:
                 break
+            tg.cancel_scope.cancel()
+
+
+async def _exit_with_parent(parent: int, scope: anyio.CancelScope) -> None:
+    # Orphans are re-parented: a changed parent pid means the driver is gone. Nothing
+    # signals that portably, hence the poll.
+    while os.getppid() == parent:  # noqa: ASYNC110
+        await anyio.sleep(0.5)
+    scope.cancel()

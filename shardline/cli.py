@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--max-header-size", type=int, default=16 << 20, metavar="BYTES")
     node.add_argument("--max-frames", type=int, default=1024, metavar="N",
                       help="most buffer frames in one message")
+    node.add_argument("--exit-with-parent", action="store_true",
+                      help="stop when the process that started this node dies "
+                      "(LocalCluster sets it, so a killed driver leaves no workers behind)")
     node.add_argument("--log-level", default=os.environ.get("SHARDLINE_LOG", "WARNING"))
 
     keys = sub.add_parser("keys", help="CURVE keys")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -155,3 +156,22 @@ async def test_cli_node_with_keys_and_allow_keys_file(tmp_path: Path) -> None:
         proc.wait(timeout=20)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_workers_exit_when_the_driver_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import os, signal, shardline as sl\n"
+        "async def main():\n"
+        "    async with sl.LocalCluster(2) as c:\n"
+        "        print(' '.join(map(str, c.pids())), flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "sl.run(main())\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, out.stderr
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)

@@ -27,7 +27,8 @@ class LocalCluster:
     node (``cluster.node``, or the ``node`` you pass) to each worker
     (``cluster.nodes[i]``, a ``RemoteNode``). On exit, even when the body raised, every
     worker gets SIGTERM (stopping its actors gracefully), then SIGKILL after
-    ``stop_timeout`` seconds, and is reaped.
+    ``stop_timeout`` seconds, and is reaped. If the driver process itself dies, the
+    workers notice within a second and stop on their own.
     """
 
     def __init__(self, n: int = 2, *, allow: Iterable[str] = (), node: Node | None = None,
@@ -51,7 +52,7 @@ class LocalCluster:
 
     def _command(self) -> list[str]:
         cmd = [sys.executable, "-m", "shardline.cli", "node", "--listen", "tcp://127.0.0.1:0",
-               "--peer-timeout", str(self.peer_timeout)]
+               "--peer-timeout", str(self.peer_timeout), "--exit-with-parent"]
         for module in self.allow:
             cmd += ["--allow", module]
         return cmd + self._node_args
