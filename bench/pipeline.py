@@ -97,9 +97,14 @@ def gpt_batch() -> tuple[torch.Tensor, torch.Tensor]:
             torch.randint(0, GPT["vocab"], (BATCH, GPT["seq"]), generator=gen))
 
 
-async def gpt_shardline(steps: int) -> float:
+def stage_env(threads: int) -> dict[str, str]:
+    """Intra-op threads per stage process, the same for both systems."""
+    return {"OMP_NUM_THREADS": str(threads)}
+
+
+async def gpt_shardline(steps: int, threads: int) -> float:
     x, y = gpt_batch()
-    async with sl.LocalCluster(2) as cluster:
+    async with sl.LocalCluster(2, env=stage_env(threads)) as cluster:
         pipe = await Pipeline.start(cluster.node, gpt.spec(GPT), placement=cluster.nodes,
                                     schedule="1f1b", microbatches=MICRO,
                                     loss_fn="shardline.models.gpt:loss",
@@ -141,13 +146,14 @@ def torch_pp_rank(rank: int, port: int, steps: int) -> None:
     dist.destroy_process_group()
 
 
-def gpt_torch(steps: int) -> float:
+def gpt_torch(steps: int, threads: int) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [subprocess.Popen([sys.executable, "-m", "bench.pipeline", "--torch-rank", str(r),
                                "--port", str(port), "--steps", str(steps)],
-                              stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **stage_env(threads)})
              for r in range(2)]
     try:
         out, _ = procs[0].communicate(timeout=600)
@@ -165,6 +171,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--skip-torch", action="store_true", help="only part (a)")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2),
+                        help="intra-op threads per stage process in (b), both systems "
+                        "(default: the cores split between the two stage processes, as "
+                        "LocalCluster does)")
     parser.add_argument("--torch-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -174,10 +184,11 @@ def main() -> None:
     sl.run(overhead(opts.steps))
     if opts.skip_torch:
         return
-    base = gpt_torch(opts.steps)
-    ours = sl.run(gpt_shardline(opts.steps))
+    base = gpt_torch(opts.steps, opts.threads)
+    ours = sl.run(gpt_shardline(opts.steps, opts.threads))
     emit(bench="pipeline", metric="gpt_2stage_1f1b_step_ms", config=GPT, batch=BATCH,
-         microbatches=MICRO, torch_pipelining_ms=round(base * 1e3, 1),
+         microbatches=MICRO, threads_per_stage=opts.threads,
+         torch_pipelining_ms=round(base * 1e3, 1),
          shardline_ms=round(ours * 1e3, 1), ratio=round(ours / base, 3))
 
 

@@ -28,7 +28,8 @@ class LocalCluster:
     (``cluster.nodes[i]``, a ``RemoteNode``). On exit, even when the body raised, every
     worker gets SIGTERM (stopping its actors gracefully), then SIGKILL after
     ``stop_timeout`` seconds, and is reaped. If the driver process itself dies, the
-    workers notice within a second and stop on their own.
+    workers notice within a second and stop on their own. Unless ``OMP_NUM_THREADS`` is
+    set, each worker gets ``cpu_count // n`` intra-op threads.
     """
 
     def __init__(self, n: int = 2, *, allow: Iterable[str] = (), node: Node | None = None,
@@ -62,6 +63,10 @@ class LocalCluster:
         # Workers import the same modules the driver can (tests, examples, apps).
         paths = [p or os.getcwd() for p in sys.path]
         env["PYTHONPATH"] = os.pathsep.join(paths)
+        # n workers on one host share its cores: without this each one starts a full
+        # set of intra-op threads (torch, BLAS) and they fight over the CPU. Ray does the
+        # same for its workers. An explicit setting, inherited or passed, wins.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.n)))
         env.update(self._env or {})
         return env
 
