@@ -270,3 +270,10 @@ async def test_remote_stage_refuses_unallowed_imports() -> None:
         with pytest.raises(sl.ActorError, match=r"Unauthorized|does not allow"):
             await Pipeline.start(cluster.node, spec(), placement=cluster.nodes,
                                  loss_fn=CE)
+        # a peer spawning a stage by hand cannot smuggle an import path past the list,
+        # whatever else it passes
+        for extra in ({"optimizer": ["os.getcwd", {}]}, {"loss_fn": "os:getcwd"}):
+            with pytest.raises(sl.ActorError, match="does not allow importing 'os'"):
+                await cluster.nodes[0].spawn(
+                    "shardline.models._stage:StageActor", device_index=0, stages=[],
+                    n_stages=1, bounds=[], modules=[], **extra)

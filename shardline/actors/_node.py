@@ -207,10 +207,6 @@ class Node:
     def _cell_or_none(self, actor_id: Any) -> ActorCell | None:
         return self._cells.get(actor_id)
 
-    def _local_ref(self, actor_id: int) -> ActorRef | None:
-        cell = self._cells.get(actor_id)
-        return None if cell is None else cell.ref
-
     def _start_task(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """Run ``fn(*args)`` in the node's task group. A failure is logged, never allowed
         to take the node down: these tasks serve what peers asked for."""

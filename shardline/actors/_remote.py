@@ -178,9 +178,9 @@ def decode_ref(node: Node, payload: bytes, buffers: Any) -> ActorRef:
             name is None or isinstance(name, str)):
         raise ValueError("ref must be [address: str, actor id: int, name: str | nil]")
     if address == node.address:
-        local = node._local_ref(actor_id)
+        local = node._cell_or_none(actor_id)
         if local is not None:
-            return local
+            return local.ref
         return ActorRef(address, actor_id, name, StoppedTarget(name or f"#{actor_id}"))
     return ActorRef(address, actor_id, name, RemoteTarget(node, address, actor_id))
 

@@ -16,7 +16,7 @@ from . import _tree
 from ._partition import _layers, balanced_bounds, layer_weights, split_bounds
 from ._spec import LayerSpec
 from ._stage import StageActor
-from .schedules import Schedule, by_name
+from .schedules import Action, Schedule, by_name
 
 __all__ = ["Pipeline", "PipelineError", "Scheduler"]
 
@@ -42,8 +42,7 @@ class Scheduler(Actor):
         self.devices = devices
         self.schedule = schedule
         self._steps = itertools.count()
-        self._programs = [[str(a) for a in acts] for acts in schedule.actions]
-        self._forwards = [[str(a) for a in acts if a.kind == "F"] for acts in schedule.actions]
+        self._programs = [_program(acts) for acts in schedule.actions]
 
     async def train_step(self, x: Any, y: Any) -> float:
         m = self.schedule.n_microbatches
@@ -59,7 +58,7 @@ class Scheduler(Actor):
         first = _tree.leaves(x)
         m = max(1, min(self.schedule.n_microbatches, first[0].shape[0] if first else 1))
         xs = _tree.split(x, m)
-        programs = [[str(a) for a in acts if a.kind == "F" and a.mb < m]
+        programs = [_program([a for a in acts if a.kind == "F" and a.mb < m])
                     for acts in self.schedule.actions]
         results = await self._run(programs, dict(enumerate(xs)), None, False, m)
         outputs: dict[int, Any] = {}
@@ -67,7 +66,7 @@ class Scheduler(Actor):
             outputs.update(r.get("outputs", {}))
         return _tree.cat([outputs[i] for i in range(m)])
 
-    async def _run(self, programs: list[list[str]], inputs: dict[int, Any],
+    async def _run(self, programs: list[list[list[Any]]], inputs: dict[int, Any],
                    targets: dict[int, Any] | None, train: bool, m: int) -> list[dict[str, Any]]:
         step = next(self._steps)
         first_device = self.schedule.device_of(0)
@@ -92,6 +91,11 @@ class Scheduler(Actor):
             d, exc = failure[0]
             raise PipelineError(f"stage {d} failed: {type(exc).__name__}: {exc}", d) from exc
         return results
+
+
+def _program(actions: Sequence[Action]) -> list[list[Any]]:
+    """Actions as the stage actor reads them: ``[stage, kind, microbatch]``."""
+    return [[a.stage, a.kind, a.mb] for a in actions]
 
 
 class Pipeline:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +22,8 @@ from torch import nn
 from .. import Actor, ActorRef, to_thread
 from . import _tree
 from ._spec import LayerSpec, import_path
-from .schedules import Action
 
 __all__ = ["StageActor"]
-
-log = logging.getLogger("shardline.models")
-
 
 class StageActor(Actor):
     # run() of a step waits for inputs while put() delivers them, and inference calls
@@ -77,8 +72,9 @@ class StageActor(Actor):
         await to_thread(self._build)
 
     def _build(self) -> None:
-        modules, bounds = self._modules, self._bounds
-        allow = None if modules is not None else self.node.allow
+        # Import paths (optimizer, loss) always go through this node's allow-list: the
+        # constructor arguments may have come from a peer.
+        modules, bounds, allow = self._modules, self._bounds, self.node.allow
         if modules is None:
             if self._spec is None:
                 raise ValueError("a stage needs either modules or a LayerSpec")
@@ -125,10 +121,12 @@ class StageActor(Actor):
 
     # -- a step --------------------------------------------------------------------------
 
-    async def run(self, step: int, actions: list[str], inputs: dict[int, Any] | None = None,
+    async def run(self, step: int, actions: list[list[Any]],
+                  inputs: dict[int, Any] | None = None,
                   targets: dict[int, Any] | None = None, train: bool = True,
                   n_microbatches: int = 1) -> dict[str, Any]:
-        """Execute this device's program for one step.
+        """Execute this device's program for one step: ``actions`` are
+        ``[stage, "F" | "B", microbatch]`` in order.
 
         Returns ``{"losses": {mb: float}}`` from the device holding the last stage when
         training, ``{"outputs": {mb: value}}`` when not, and ``{}`` elsewhere.
@@ -141,12 +139,10 @@ class StageActor(Actor):
         try:
             if train and self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
-            for text in actions:
-                action = Action.from_str(text)
-                s, mb = action.stage, action.mb
-                if action.kind == "F":
+            for s, kind, mb in actions:
+                if kind == "F":
                     if s == 0:
-                        x = (inputs or {})[mb] if inputs is not None else None
+                        x = (inputs or {}).get(mb)
                         if x is None:
                             raise KeyError(f"stage 0 got no input for microbatch {mb}")
                     else:
