@@ -192,7 +192,7 @@ def serve_request(node: Node, msg: dict[str, Any], reply: Reply) -> None:
     kind = msg.get("k")
     if kind == "call" or kind == "tell":
         cell = node._cell(msg.get("to"))
-        method, args, kwargs = msg.get("m"), msg.get("a", ()), msg.get("kw", {})
+        method, args, kwargs = msg.get("m"), msg.get("a", []), msg.get("kw", {})
         if not isinstance(method, str) or not isinstance(args, list) or not isinstance(
                 kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
             raise ProtocolError("a call needs m: str, a: array, kw: map with string keys")

@@ -141,8 +141,7 @@ class Endpoint:
         if self.keys is not None:
             self._auth = zmq.auth.thread.ThreadAuthenticator(self.context)
             self._auth.start()
-            allowed = self._allow_keys
-            self._auth.configure_curve_callback("*", _KeyCheck(allowed))
+            self._auth.configure_curve_callback("*", _KeyCheck(self._allow_keys))
             router.curve_server = True
             router.curve_secretkey = self.keys.secret
             router.curve_publickey = self.keys.public
@@ -151,10 +150,8 @@ class Endpoint:
         except zmq.ZMQError as exc:
             router.close(linger=0)
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
-        bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
-        _, port = parse_tcp(bound)
+        bound_host, port = parse_tcp(router.getsockopt_string(zmq.LAST_ENDPOINT))
         if advertise is None:
-            bound_host, _ = parse_tcp(bound)
             if bound_host in ("0.0.0.0", "::", "*"):
                 bound_host = primary_address()
             advertise = f"tcp://{bound_host}:{port}"
