@@ -6,5 +6,9 @@ from ._pipeline import Pipeline as Pipeline
 from ._pipeline import PipelineError as PipelineError
 from ._spec import LayerSpec as LayerSpec
 from ._stage import StageActor as StageActor
+from ._trace import StepTrace as StepTrace
+from ._trace import Trace as Trace
+from ._trace import TraceSpan as TraceSpan
 
-__all__ = ["LayerSpec", "Pipeline", "PipelineError", "StageActor", "partition", "schedules"]
+__all__ = ["LayerSpec", "Pipeline", "PipelineError", "StageActor", "StepTrace", "Trace",
+           "TraceSpan", "partition", "schedules"]

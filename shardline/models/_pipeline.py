@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -16,6 +19,7 @@ from . import _tree
 from ._partition import _layers, balanced_bounds, layer_weights, split_bounds
 from ._spec import LayerSpec
 from ._stage import StageActor
+from ._trace import Trace
 from .schedules import Action, Schedule, by_name
 
 __all__ = ["Pipeline", "PipelineError", "Scheduler"]
@@ -38,11 +42,24 @@ class Scheduler(Actor):
 
     max_concurrency = 64  # concurrent inference calls overlap in the pipeline
 
-    def __init__(self, devices: list[ActorRef], schedule: Schedule) -> None:
+    def __init__(self, devices: list[ActorRef], schedule: Schedule,
+                 trace: bool = False) -> None:
         self.devices = devices
         self.schedule = schedule
         self._steps = itertools.count()
         self._programs = [_program(acts) for acts in schedule.actions]
+        self.tracing = trace
+        # Recorded steps, oldest dropped first: a long run with tracing on stays bounded.
+        self._records: deque[dict[str, Any]] = deque(maxlen=10_000)
+
+    def set_tracing(self, on: bool) -> None:
+        self.tracing = on
+
+    def take_trace(self) -> list[dict[str, Any]]:
+        """The steps recorded since the last call (and forget them)."""
+        records = list(self._records)
+        self._records.clear()
+        return records
 
     async def train_step(self, x: Any, y: Any) -> float:
         m = self.schedule.n_microbatches
@@ -69,6 +86,8 @@ class Scheduler(Actor):
     async def _run(self, programs: list[list[list[Any]]], inputs: dict[int, Any],
                    targets: dict[int, Any] | None, train: bool, m: int) -> list[dict[str, Any]]:
         step = next(self._steps)
+        trace = self.tracing
+        started = time.time()
         first_device = self.schedule.device_of(0)
         last_device = self.schedule.device_of(self.schedule.n_stages - 1)
         results: list[dict[str, Any]] = [{} for _ in self.devices]
@@ -78,7 +97,7 @@ class Scheduler(Actor):
             try:
                 results[d] = await ref.run(
                     step, programs[d], inputs if d == first_device else None,
-                    targets if d == last_device else None, train, m)
+                    targets if d == last_device else None, train, m, trace)
             except Exception as exc:
                 if not failure:
                     failure.append((d, exc))
@@ -90,6 +109,10 @@ class Scheduler(Actor):
         if failure:
             d, exc = failure[0]
             raise PipelineError(f"stage {d} failed: {type(exc).__name__}: {exc}", d) from exc
+        if trace:
+            self._records.append({"step": step, "what": "train" if train else "infer",
+                                  "start": started, "end": time.time(),
+                                  "devices": [r.pop("spans", []) for r in results]})
         return results
 
 
@@ -102,11 +125,12 @@ class Pipeline:
     """A model split over stage actors. Build it with ``await Pipeline.start(...)``."""
 
     def __init__(self, node: Node, scheduler: ActorRef, devices: list[ActorRef],
-                 schedule: Schedule) -> None:
+                 schedule: Schedule, trace: bool = False) -> None:
         self.node = node
         self.scheduler = scheduler
         self.devices = devices
         self.schedule = schedule
+        self._always_trace = trace
 
     @classmethod
     async def start(cls, node: Node, model: nn.Module | LayerSpec, *,
@@ -115,14 +139,14 @@ class Pipeline:
                     microbatches: int = 8, chunks: int = 2,
                     loss_fn: str | Callable[..., torch.Tensor] | None = None,
                     optimizer: tuple[str, dict[str, Any]] | None = None,
-                    balance: str = "params") -> Pipeline:
+                    balance: str = "params", trace: bool = False) -> Pipeline:
         """Split ``model`` into stages, spawn a ``StageActor`` per device, connect them.
 
         ``stages`` counts devices; with ``schedule="interleaved-1f1b"`` each device holds
         ``chunks`` stages. ``placement`` has one entry per device: ``"cpu"``/``"cuda:0"``
         (this process), a ``RemoteNode``, or ``(RemoteNode, "cuda:1")``. A plain
         ``nn.Module`` can only be placed in this process; use a ``LayerSpec`` for remote
-        stages.
+        stages. ``trace=True`` records every step (``await pipe.timeline()``).
         """
         if split_points is not None:
             n_devices = len(split_points) + 1
@@ -168,6 +192,8 @@ class Pipeline:
                              "(Node(listen='tcp://...')) so remote stages can reach local ones")
 
         slots: list[ActorRef | None] = [None] * n_devices
+        # Stamped on every activation, so a device link only takes this pipeline's data.
+        token = secrets.token_hex(8)
         errors: list[BaseException] = []
 
         async def spawn_device(d: int, where: Placement) -> None:
@@ -179,6 +205,7 @@ class Pipeline:
                 "layer_names": [names[bounds[s][0]:bounds[s][1]] for s in held],
                 "optimizer": list(optimizer) if optimizer is not None else None,
                 "loss_fn": loss_fn if last_here else None,
+                "token": token,
             }
             try:
                 if isinstance(where, str):
@@ -212,16 +239,17 @@ class Pipeline:
             devices = [ref for ref in slots if ref is not None]
             if errors:
                 raise errors[0]
-            peers = [devices[plan.device_of(s)] for s in range(n_stages)]
+            addresses = [await ref.link_address() for ref in devices]
+            links = [addresses[plan.device_of(s)] for s in range(n_stages)]
             for ref in devices:
-                await ref.connect(peers)
-            scheduler = await node.spawn(Scheduler, devices, plan)
+                await ref.connect(links)
+            scheduler = await node.spawn(Scheduler, devices, plan, trace)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 for ref in devices:
                     await _quietly(ref.stop())
             raise
-        return cls(node, scheduler, devices, plan)
+        return cls(node, scheduler, devices, plan, trace)
 
     async def train_step(self, x: Any, y: Any) -> float:
         """One optimizer step over the batch ``(x, y)`` split into microbatches; returns
@@ -231,6 +259,32 @@ class Pipeline:
     async def __call__(self, x: Any) -> Any:
         """Inference (no autograd state kept); concurrent calls overlap in the pipeline."""
         return await self._schedule("infer", x)
+
+    async def timeline(self) -> Trace:
+        """The steps recorded since the last call: every step with ``trace=True``, or
+        those inside a ``pipe.trace()`` block."""
+        return Trace.from_wire(await self.scheduler.take_trace())
+
+    @contextlib.asynccontextmanager
+    async def trace(self) -> AsyncIterator[Trace]:
+        """Record the steps run inside the block::
+
+            async with pipe.trace() as trace:
+                await pipe.train_step(x, y)
+            trace.to_chrome("step.json")
+        """
+        await self.scheduler.take_trace()  # start clean
+        await self.scheduler.set_tracing(True)
+        recorded = Trace()
+        try:
+            yield recorded
+        finally:
+            with anyio.CancelScope(shield=True):
+                if not self._always_trace:
+                    await _quietly(self.scheduler.set_tracing(False))
+                with contextlib.suppress(ShardlineError):
+                    recorded.steps.extend(Trace.from_wire(
+                        await self.scheduler.take_trace()).steps)
 
     async def _schedule(self, method: str, *args: Any) -> Any:
         try:

@@ -1,40 +1,41 @@
 """``StageActor``: one device's shard(s) of a pipelined model.
 
-It runs the action list the scheduler sends for a step, takes activations and
-gradients straight from its neighbours (``put``), and sends its own outputs straight
-on: the scheduler never relays tensors. Torch work runs in a worker thread, one op
-at a time per device, so the node keeps answering heartbeats and ``put``s meanwhile.
+It runs the action list the scheduler sends for a step on its device thread, which
+takes activations and gradients straight from its neighbours' device threads and sends
+its own outputs straight on (``_device``): the scheduler never relays tensors, and the
+node's event loop stays free for heartbeats and control messages meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections import deque
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import anyio
 import torch
 from torch import nn
 
-from .. import Actor, ActorRef, to_thread
+from .. import Actor, to_thread
 from . import _tree
+from ._device import Device, Key
 from ._spec import LayerSpec, import_path
 
 __all__ = ["StageActor"]
 
+
 class StageActor(Actor):
-    # run() of a step waits for inputs while put() delivers them, and inference calls
-    # overlap: all are handled concurrently; compute is serialised on the device thread.
+    # Steps and inference calls overlap: run() only waits for its program, which the
+    # device thread executes; many can be in flight.
     max_concurrency = 256
 
     def __init__(self, device_index: int, stages: list[int], n_stages: int,
                  bounds: list[list[int]], layer_names: list[list[str]] | None = None,
                  modules: list[nn.Module] | None = None, spec: dict[str, Any] | None = None,
                  device: str = "cpu", optimizer: Sequence[Any] | None = None,
-                 loss_fn: Any = None) -> None:
+                 loss_fn: Any = None, token: str = "") -> None:
         self.device_index = device_index
         self.stages = list(stages)                 # virtual stages held, ascending
         self.n_stages = n_stages
@@ -45,31 +46,30 @@ class StageActor(Actor):
         self._layer_names = layer_names
         self._optimizer_spec = optimizer
         self._loss_spec = loss_fn
+        self._token = token
         self.chunks: dict[int, nn.Module] = {}
         self.names: dict[int, list[str]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.loss_fn: Callable[..., torch.Tensor] | None = None
-        self.peers: list[ActorRef] = []            # device actor of every virtual stage
-        self._inbox: dict[tuple[int, str, int, int], Any] = {}
-        self._arrived: dict[tuple[int, str, int, int], anyio.Event] = {}
-        self._finished: set[int] = set()
-        self._finished_order: deque[int] = deque()
-        # One thread per device: torch work runs there in submission order, off the
-        # event loop. Lighter per call than anyio's to_thread (no limiter, no
-        # checkpoints), which matters at thousands of small stage operations a second.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{device_index}")
+        self.links: list[str] = []                 # link address of every virtual stage
+        self._device: Device | None = None
 
-    async def _compute(self, fn: Callable[..., Any], *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
-
-    async def on_stop(self) -> None:
-        self._executor.shutdown(wait=False)
+    @property
+    def link(self) -> Device:
+        if self._device is None:
+            raise RuntimeError("the stage has not started")
+        return self._device
 
     async def on_start(self) -> None:
+        self._device = Device(f"stage{self.device_index}", self._token,
+                              self.node._endpoint, self.node.peer_timeout)
         # Building (and loading) a shard can take long: off the loop, so the node keeps
         # answering heartbeats.
         await to_thread(self._build)
+
+    async def on_stop(self) -> None:
+        if self._device is not None:
+            await to_thread(self._device.close)
 
     def _build(self) -> None:
         # Import paths (optimizer, loss) always go through this node's allow-list: the
@@ -95,98 +95,120 @@ class StageActor(Actor):
     def _parameters(self) -> list[nn.Parameter]:
         return [p for s in self.stages for p in self.chunks[s].parameters()]
 
-    def connect(self, peers: list[ActorRef]) -> None:
-        """The device actor holding each virtual stage (index = stage)."""
-        self.peers = list(peers)
+    def link_address(self) -> str:
+        """Where other devices send this one's inputs (activations and gradients)."""
+        return self.link.address
 
-    # -- data from neighbours ----------------------------------------------------------
-
-    def put(self, step: int, kind: str, stage: int, mb: int, value: Any) -> None:
-        """An activation (``kind="F"``: input of ``stage``'s forward) or a gradient
-        (``"B"``: gradient of ``stage``'s output) for microbatch ``mb`` of ``step``."""
-        if step in self._finished:
-            return  # a late message for a step that failed or finished
-        key = (step, kind, stage, mb)
-        self._inbox[key] = value
-        event = self._arrived.pop(key, None)
-        if event is not None:
-            event.set()
-
-    async def _take(self, step: int, kind: str, stage: int, mb: int) -> Any:
-        key = (step, kind, stage, mb)
-        if key not in self._inbox:
-            event = self._arrived.setdefault(key, anyio.Event())
-            await event.wait()
-        return self._inbox.pop(key)
+    def connect(self, links: list[str]) -> None:
+        """The link address of the device holding each virtual stage (index = stage)."""
+        self.links = list(links)
 
     # -- a step --------------------------------------------------------------------------
 
     async def run(self, step: int, actions: list[list[Any]],
                   inputs: dict[int, Any] | None = None,
                   targets: dict[int, Any] | None = None, train: bool = True,
-                  n_microbatches: int = 1) -> dict[str, Any]:
+                  n_microbatches: int = 1, trace: bool = False) -> dict[str, Any]:
         """Execute this device's program for one step: ``actions`` are
         ``[stage, "F" | "B", microbatch]`` in order.
 
         Returns ``{"losses": {mb: float}}`` from the device holding the last stage when
-        training, ``{"outputs": {mb: value}}`` when not, and ``{}`` elsewhere.
+        training, ``{"outputs": {mb: value}}`` when not, and ``{}`` elsewhere; with
+        ``trace``, also ``{"spans": [[stage, kind, mb, start, end], ...]}``.
         """
-        saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = {}
-        result: dict[str, Any] = {}
-        losses: dict[int, float] = {}
-        outputs: dict[int, Any] = {}
-        last = self.n_stages - 1
+        device = self.link
+        loop = asyncio.get_running_loop()
+        program = _Program(step, actions, inputs or {}, targets or {}, train,
+                           n_microbatches, loop.create_future())
+        if trace:
+            program.spans = []
+        device.submit(functools.partial(self._drive, program))
         try:
-            if train and self.optimizer is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-            for s, kind, mb in actions:
-                if kind == "F":
-                    if s == 0:
-                        x = (inputs or {}).get(mb)
-                        if x is None:
-                            raise KeyError(f"stage 0 got no input for microbatch {mb}")
-                    else:
-                        x = await self._take(step, "F", s, mb)
-                    target = (targets or {}).get(mb) if s == last else None
-                    y, x_leaves, loss = await self._compute(
-                        self._forward, s, x, train, target, n_microbatches)
-                    if s == last:
-                        if train:
-                            assert loss is not None
-                            losses[mb] = float(loss.detach()) * n_microbatches
-                            saved[(s, mb)] = (x_leaves, loss)
-                        else:
-                            outputs[mb] = y
-                    else:
-                        if train:
-                            saved[(s, mb)] = (x_leaves, y)
-                        await self.peers[s + 1].tell("put", step, "F", s + 1, mb,
-                                                     _detached(y))
-                else:
-                    grads = None if s == last else await self._take(step, "B", s, mb)
-                    x_leaves, y = saved.pop((s, mb))
-                    input_grads = await self._compute(self._backward, x_leaves, y, grads)
-                    if s > 0:
-                        await self.peers[s - 1].tell("put", step, "B", s - 1, mb, input_grads)
-            if train and self.optimizer is not None:
-                await self._compute(self.optimizer.step)
+            await program.done
         finally:
-            self._finish(step)
-        if losses:
-            result["losses"] = losses
-        if outputs:
-            result["outputs"] = outputs
+            program.cancelled = True
+            device.finish(step)
+        result: dict[str, Any] = {}
+        if program.losses:
+            result["losses"] = program.losses
+        if program.outputs:
+            result["outputs"] = program.outputs
+        if program.spans is not None:
+            result["spans"] = program.spans
         return result
 
-    def _finish(self, step: int) -> None:
-        self._finished.add(step)
-        self._finished_order.append(step)
-        if len(self._finished_order) > 4096:
-            self._finished.discard(self._finished_order.popleft())
-        for key in [k for k in self._inbox if k[0] == step]:
-            del self._inbox[key]
-        for key in [k for k in self._arrived if k[0] == step]:
-            del self._arrived[key]
+    def _drive(self, program: _Program) -> None:
+        """Device thread: run ``program`` from where it stopped, until it needs an input
+        that has not arrived (it runs again when that input does) or it is done."""
+        try:
+            if program.cancelled:
+                return
+            if program.pc == 0 and program.train and self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            device, actions, last = self.link, program.actions, self.n_stages - 1
+            spans = program.spans
+            while program.pc < len(actions):
+                s, kind, mb = actions[program.pc]
+                value = None
+                if (kind == "F" and s > 0) or (kind == "B" and s < last):
+                    got = device.take((program.step, kind, s, mb),
+                                      functools.partial(self._drive, program))
+                    if got is None:
+                        return
+                    value, arrived = got
+                    if spans is not None:
+                        spans.append([s, "recv", mb, arrived, arrived])
+                t0 = time.time()
+                out = self._op(program, s, kind, mb, value)
+                t1 = time.time()
+                if spans is not None:
+                    spans.append([s, kind, mb, t0, t1])
+                if out is not None:
+                    to, key, payload = out
+                    device.send(self.links[to], key, payload)
+                    if spans is not None:
+                        spans.append([s, "send", mb, t1, time.time()])
+                program.pc += 1
+                if program.cancelled:
+                    return
+            if program.train and self.optimizer is not None:
+                t0 = time.time()
+                self.optimizer.step()
+                if spans is not None:
+                    spans.append([self.stages[-1], "opt", -1, t0, time.time()])
+            program.resolve(None)
+        except Exception as exc:
+            program.resolve(exc)
+
+    def _op(self, program: _Program, s: int, kind: str, mb: int,
+            value: Any) -> tuple[int, Key, Any] | None:
+        """One forward or backward; returns what to send on: (stage, key, value)."""
+        last = self.n_stages - 1
+        if kind == "F":
+            if s == 0:
+                value = program.inputs.get(mb)
+                if value is None:
+                    raise KeyError(f"stage 0 got no input for microbatch {mb}")
+            target = program.targets.get(mb) if s == last else None
+            y, x_leaves, loss = self._forward(s, value, program.train, target,
+                                              program.n_microbatches)
+            if s == last:
+                if program.train:
+                    assert loss is not None
+                    program.losses[mb] = float(loss.detach()) * program.n_microbatches
+                    program.saved[(s, mb)] = (x_leaves, loss)
+                else:
+                    program.outputs[mb] = y
+            else:
+                if program.train:
+                    program.saved[(s, mb)] = (x_leaves, y)
+                return s + 1, (program.step, "F", s + 1, mb), _detached(y)
+            return None
+        x_leaves, y = program.saved.pop((s, mb))
+        input_grads = self._backward(x_leaves, y, value)
+        if s > 0:
+            return s - 1, (program.step, "B", s - 1, mb), input_grads
+        return None
 
     def _forward(self, stage: int, x: Any, train: bool, target: Any,
                  n_microbatches: int) -> tuple[Any, list[torch.Tensor], torch.Tensor | None]:
@@ -287,6 +309,41 @@ class StageActor(Actor):
         for group, saved in zip(sd["param_groups"], groups, strict=False):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+class _Program:
+    """One step (or inference call) on one device: its actions, how far the device
+    thread got, what forward kept for backward, and the results."""
+
+    def __init__(self, step: int, actions: list[list[Any]], inputs: dict[int, Any],
+                 targets: dict[int, Any], train: bool, n_microbatches: int,
+                 done: asyncio.Future[None]) -> None:
+        self.step = step
+        self.actions = actions
+        self.inputs = inputs
+        self.targets = targets
+        self.train = train
+        self.n_microbatches = n_microbatches
+        self.pc = 0
+        self.cancelled = False
+        self.saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = {}
+        self.losses: dict[int, float] = {}
+        self.outputs: dict[int, Any] = {}
+        self.spans: list[list[Any]] | None = None  # [stage, kind, mb, start, end]
+        self.done = done
+
+    def resolve(self, error: Exception | None) -> None:
+        """From the device thread: the program finished (or failed with ``error``)."""
+        with contextlib.suppress(RuntimeError):  # the node shut down under a running step
+            self.done.get_loop().call_soon_threadsafe(self._set, error)
+
+    def _set(self, error: Exception | None) -> None:
+        if self.done.done():
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
 
 
 def _detached(y: Any) -> Any:

@@ -10,6 +10,7 @@ other schedules stage ``s`` is device ``s``.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -197,10 +198,17 @@ class Simulation:
 
 
 def simulate(schedule: Schedule, forward_cost: float = 1.0,
-             backward_cost: float = 2.0, comm_cost: float = 0.0) -> Simulation:
+             backward_cost: float = 2.0, comm_cost: float = 0.0, *,
+             durations: Mapping[tuple[int, str, int], float] | None = None) -> Simulation:
     """Play the schedule with fixed costs per full-stage forward/backward (a chunk of an
-    interleaved schedule costs ``1/chunks`` of that) and ``comm_cost`` per hop."""
+    interleaved schedule costs ``1/chunks`` of that) and ``comm_cost`` per hop.
+
+    ``durations`` overrides the cost of single actions, keyed ``(stage, kind, mb)``:
+    given the durations a real step measured (``Trace.durations``), the makespan is what
+    that step would have taken with no scheduling or communication overhead at all.
+    """
     schedule.validate()
+    durations = durations or {}
     v = schedule.chunks
     cost = {"F": forward_cost / v, "B": backward_cost / v}
     last = schedule.n_stages - 1
@@ -227,7 +235,7 @@ def simulate(schedule: Schedule, forward_cost: float = 1.0,
                     break
                 ready = max([free[d]] + [done[dep] + (comm_cost if dep[0] != a.stage else 0.0)
                                          for dep in deps])
-                end = ready + cost[a.kind]
+                end = ready + durations.get((a.stage, a.kind, a.mb), cost[a.kind])
                 done[(a.stage, a.kind, a.mb)] = end
                 free[d] = end
                 spans.append(Span(d, a, ready, end))

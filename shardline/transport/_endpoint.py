@@ -105,6 +105,7 @@ class Endpoint:
         self._handler = handler
         self.context: zmq.Context[Any] = zmq.Context()
         self.address: str | None = None
+        self.bind_host = "127.0.0.1"  # the interface listen() bound
         self._router: LoopSocket | None = None
         self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
         self._peers: dict[str, Peer] = {}
@@ -129,6 +130,14 @@ class Endpoint:
         sock.curve_publickey = pair.public
         sock.curve_serverkey = server_key.encode()
 
+    def make_curve_server(self, sock: zmq.Socket[Any]) -> None:
+        """Accept only CURVE clients the node's allow-list admits (no-op without keys)."""
+        if self.keys is None:
+            return
+        sock.curve_server = True
+        sock.curve_secretkey = self.keys.secret
+        sock.curve_publickey = self.keys.public
+
     def listen(self, address: str, *, advertise: str | None, insecure: bool) -> str:
         host, _ = parse_tcp(address)
         if self.keys is None and not is_loopback(host) and not insecure:
@@ -142,15 +151,14 @@ class Endpoint:
             self._auth = zmq.auth.thread.ThreadAuthenticator(self.context)
             self._auth.start()
             self._auth.configure_curve_callback("*", _KeyCheck(self._allow_keys))
-            router.curve_server = True
-            router.curve_secretkey = self.keys.secret
-            router.curve_publickey = self.keys.public
+        self.make_curve_server(router)
         try:
             router.bind(address)
         except zmq.ZMQError as exc:
             router.close(linger=0)
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
         bound_host, port = parse_tcp(router.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.bind_host = bound_host if ":" not in bound_host else f"[{bound_host}]"
         if advertise is None:
             if bound_host in ("0.0.0.0", "::", "*"):
                 bound_host = primary_address()
