@@ -1,6 +1,11 @@
-"""The ML layer: partitioning, stage actors, schedules as data, the pipeline."""
+"""The ML layer: partitioning, stage actors, schedules as data, the pipeline, batching,
+reference models."""
 
+from . import gpt as gpt
+from . import minilm as minilm
 from . import schedules as schedules
+from ._batcher import Batcher as Batcher
+from ._batcher import QueueFull as QueueFull
 from ._partition import partition as partition
 from ._pipeline import Pipeline as Pipeline
 from ._pipeline import PipelineError as PipelineError
@@ -10,5 +15,5 @@ from ._trace import StepTrace as StepTrace
 from ._trace import Trace as Trace
 from ._trace import TraceSpan as TraceSpan
 
-__all__ = ["LayerSpec", "Pipeline", "PipelineError", "StageActor", "StepTrace", "Trace",
-           "TraceSpan", "partition", "schedules"]
+__all__ = ["Batcher", "LayerSpec", "Pipeline", "PipelineError", "QueueFull", "StageActor",
+           "StepTrace", "Trace", "TraceSpan", "gpt", "minilm", "partition", "schedules"]
