@@ -1,4 +1,5 @@
-"""The ``shardline`` command: ``node`` runs a worker node, ``keys`` manages CURVE keys."""
+"""The ``shardline`` command: ``node`` runs a worker node, ``serve`` serves a model over
+HTTP, ``keys`` manages CURVE keys."""
 
 from __future__ import annotations
 
@@ -48,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "(LocalCluster sets it, so a killed driver leaves no workers behind)")
     node.add_argument("--log-level", default=os.environ.get("SHARDLINE_LOG", "WARNING"))
 
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API "
+                           "(needs: pip install 'shardline[serve]')")
+    from .serve._cli import add_arguments
+
+    add_arguments(serve)
+
     keys = sub.add_parser("keys", help="CURVE keys")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     gen = keys_sub.add_parser("generate", help="write DIR/node.key and DIR/node.key_secret")
@@ -64,6 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         return run_node(args)
+    if args.command == "serve":
+        from .serve._main import serve_command
+
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return serve_command(args)
     if args.command == "keys":
         from .transport import KeyPair
 

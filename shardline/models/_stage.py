@@ -53,6 +53,8 @@ class StageActor(Actor):
         self.loss_fn: Callable[..., torch.Tensor] | None = None
         self.links: list[str] = []                 # link address of every virtual stage
         self._device: Device | None = None
+        self.busy_seconds = 0.0                    # compute time, for metrics
+        self.operations = 0
 
     @property
     def link(self) -> Device:
@@ -98,6 +100,10 @@ class StageActor(Actor):
     def link_address(self) -> str:
         """Where other devices send this one's inputs (activations and gradients)."""
         return self.link.address
+
+    def stats(self) -> dict[str, float]:
+        """Compute seconds and forward/backward operations run so far on this device."""
+        return {"busy_seconds": self.busy_seconds, "operations": self.operations}
 
     def connect(self, links: list[str]) -> None:
         """The link address of the device holding each virtual stage (index = stage)."""
@@ -161,6 +167,8 @@ class StageActor(Actor):
                 t0 = time.time()
                 out = self._op(program, s, kind, mb, value)
                 t1 = time.time()
+                self.busy_seconds += t1 - t0
+                self.operations += 1
                 if spans is not None:
                     spans.append([s, kind, mb, t0, t1])
                 if out is not None:

@@ -1,0 +1,28 @@
+"""``shardline serve``'s flags (no heavy imports: the CLI builds them on every run)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["MODELS", "add_arguments"]
+
+MODELS = ("minilm",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="minilm", help=f"one of {', '.join(MODELS)}")
+    parser.add_argument("--stages", type=int, default=2, help="pipeline stages (default 2)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes for the stages (default: one per stage; "
+                        "0: stages in this process)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-queue", type=int, default=1024,
+                        help="requests waiting for a batch before answering 429")
+    parser.add_argument("--microbatches", type=int, default=None,
+                        help="microbatches per pipeline call (default: the stage count)")
+    parser.add_argument("--log-level", default="warning")

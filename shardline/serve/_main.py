@@ -1,0 +1,85 @@
+"""``shardline serve``: a LocalCluster, a pipeline, a batcher and the HTTP API in one
+process, until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+from .. import LocalCluster, Node, run
+from .._errors import ShardlineError
+from ..models import Pipeline, minilm
+from ._cli import MODELS
+from ._metrics import ServeMetrics
+from ._service import EmbeddingService
+
+__all__ = ["serve_command"]
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    if args.model not in MODELS:
+        sys.stderr.write(f"shardline serve: unknown model {args.model!r} "
+                         f"(choose from {', '.join(MODELS)})\n")
+        return 2
+    if args.stages < 1:
+        sys.stderr.write("shardline serve: --stages must be >= 1\n")
+        return 2
+    try:
+        sock = socket.create_server((args.host, args.port))
+    except OSError as exc:
+        sys.stderr.write(f"shardline serve: cannot listen on {args.host}:{args.port}: "
+                         f"{exc.strerror}\n")
+        return 2
+    try:
+        run(_serve(args, sock))
+    except ShardlineError as exc:
+        sys.stderr.write(f"shardline serve: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sock.close()
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _cluster(node: Node, workers: int) -> AsyncIterator[LocalCluster | None]:
+    if workers == 0:
+        yield None
+        return
+    async with LocalCluster(workers, node=node) as cluster:
+        yield cluster
+
+
+async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
+    import uvicorn
+
+    from ._app import create_app
+
+    workers = args.stages if args.workers is None else args.workers
+    async with Node() as node, _cluster(node, workers) as cluster:
+        placement = (["cpu"] * args.stages if cluster is None else
+                     [cluster.nodes[i % len(cluster.nodes)] for i in range(args.stages)])
+        pipe = await Pipeline.start(node, minilm.spec(), placement=placement,
+                                    microbatches=args.microbatches or args.stages)
+        metrics = ServeMetrics()
+        try:
+            async with EmbeddingService(args.model, pipe, metrics=metrics,
+                                        max_batch=args.max_batch,
+                                        max_wait_ms=args.max_wait_ms,
+                                        max_queue=args.max_queue) as service:
+                app = create_app({args.model: service}, metrics, api_key=args.api_key)
+                config = uvicorn.Config(app, log_level=args.log_level, lifespan="off",
+                                        access_log=False)
+                server = uvicorn.Server(config)
+                host, port = sock.getsockname()[:2]
+                sys.stdout.write(f"shardline serve http://{host}:{port} model={args.model} "
+                                 f"stages={args.stages} workers={workers}\n")
+                sys.stdout.flush()
+                await server.serve(sockets=[sock])
+        finally:
+            with contextlib.suppress(ShardlineError):
+                await pipe.stop()

@@ -1,0 +1,48 @@
+"""Prometheus metrics of a model server, in its own registry."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import anyio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .._errors import ShardlineError
+from ..models import Pipeline
+
+__all__ = ["ServeMetrics"]
+
+
+class ServeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("shardline_requests", "HTTP requests answered",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("shardline_request_seconds", "Time to answer a request",
+                                 ["endpoint"], registry=self.registry,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch_size = Histogram("shardline_batch_size", "Requests per pipeline call",
+                                    registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.queue_depth = Gauge("shardline_queue_depth", "Requests waiting for a batch",
+                                 registry=self.registry)
+        self.stage_busy = Gauge("shardline_stage_busy_seconds",
+                                "Compute time spent by each pipeline device",
+                                ["device"], registry=self.registry)
+        self._pipe: Pipeline | None = None
+
+    def watch(self, batcher: Any, pipe: Pipeline) -> None:
+        self.queue_depth.set_function(lambda: float(batcher.depth))
+        self._pipe = pipe
+
+    async def render(self, timeout: float = 1.0) -> bytes:
+        """The text exposition; per-device busy time is asked of the stages now (a stage
+        that does not answer within ``timeout`` keeps its last value)."""
+        if self._pipe is not None:
+            for d, ref in enumerate(self._pipe.devices):
+                with contextlib.suppress(ShardlineError, TimeoutError), \
+                        anyio.move_on_after(timeout):
+                    stats = await ref.ask("stats", timeout=timeout)
+                    self.stage_busy.labels(device=str(d)).set(stats["busy_seconds"])
+        return generate_latest(self.registry)
