@@ -8,14 +8,13 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._errors import ShardlineError
 from ..models import QueueFull
@@ -44,32 +43,14 @@ def _error(status: int, message: str, kind: str = "invalid_request_error",
 
 
 def create_app(services: dict[str, EmbeddingService], metrics: ServeMetrics, *,
-               api_key: str | None = None, health_timeout: float = 5.0) -> FastAPI:
+               api_key: str | None = None, health_timeout: float = 5.0) -> ASGIApp:
+    """The ASGI app serving ``services`` (model name -> service)."""
     app = FastAPI(title="shardline", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.middleware("http")
-    async def measure(request: Request,
-                      call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.monotonic()
-        path = request.url.path
-        endpoint = path if path in ("/v1/embeddings", "/v1/completions", "/v1/models",
-                                    "/healthz", "/metrics") else "other"
-        if api_key is not None and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response: Response = _error(
-                    401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
-                    code="invalid_api_key")
-                metrics.requests.labels(endpoint, "401").inc()
-                return response
-        try:
-            response = await call_next(request)
-        except Exception:  # never a bare traceback to the client
-            log.exception("request to %s failed", path)
-            response = _error(500, "internal error", kind="server_error")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.monotonic() - started)
-        return response
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> Response:
+        log.error("request to %s failed", request.url.path, exc_info=exc)
+        return _error(500, "internal error", kind="server_error")
 
     @app.exception_handler(_Reject)
     async def rejected(request: Request, exc: _Reject) -> Response:
@@ -108,8 +89,8 @@ def create_app(services: dict[str, EmbeddingService], metrics: ServeMetrics, *,
             raise _Reject(503, f"the model is unavailable: {exc}",
                           kind="server_error") from None
         data = [{"object": "embedding", "index": i,
-                 "embedding": v if encoding == "float" else
-                 base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()}
+                 "embedding": v.tolist() if encoding == "float" else
+                 base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()}
                 for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": service.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -129,7 +110,47 @@ def create_app(services: dict[str, EmbeddingService], metrics: ServeMetrics, *,
     async def prometheus() -> Response:
         return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return _Gate(app, metrics, api_key)
+
+
+class _Gate:
+    """Pure ASGI (Starlette's ``BaseHTTPMiddleware`` costs a task and a stream per
+    request): the API key check, and request counts and latencies for /metrics."""
+
+    ENDPOINTS = ("/v1/embeddings", "/v1/completions", "/v1/models", "/healthz", "/metrics")
+
+    def __init__(self, app: FastAPI, metrics: ServeMetrics, api_key: str | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        path = scope["path"]
+        endpoint = path if path in self.ENDPOINTS else "other"
+        status = [500]
+
+        async def send_and_count(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.expected is not None and path.startswith("/v1/"):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, self.expected):
+                    response = _error(
+                        401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
+                        code="invalid_api_key")
+                    await response(scope, receive, send_and_count)
+                    return
+            await self.app(scope, receive, send_and_count)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
 
 
 async def _body(request: Request) -> dict[str, Any]:

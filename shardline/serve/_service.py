@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from types import TracebackType
 from typing import Any
@@ -39,9 +40,13 @@ class EmbeddingService:
         self.pipe = pipe
         self.metrics = metrics
         self.tokenizer = tokenizer or minilm.Tokenizer()
-        self.batcher: Batcher[str, list[float]] = Batcher(
+        self.batcher: Batcher[str, torch.Tensor] = Batcher(
             self._run, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
         self.created = int(time.time())
+        # a batch goes in as up to `groups` length-sorted pipeline calls of at least
+        # `min_group` texts: less padding, and the calls overlap across stages
+        self.groups = 2 * len(pipe.devices)
+        self.min_group = 4
 
     async def __aenter__(self) -> EmbeddingService:
         await self.batcher.__aenter__()
@@ -63,18 +68,32 @@ class EmbeddingService:
             total += n
         return total
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        """One vector per text; the first failure is raised as it is (``QueueFull``,
-        ``PipelineError``), the rest of the request's texts finish unobserved."""
+    async def embed(self, texts: list[str]) -> list[torch.Tensor]:
+        """One float32 vector per text; the first failure is raised as it is
+        (``QueueFull``, ``PipelineError``), the rest of the request's texts finish
+        unobserved."""
         return list(await asyncio.gather(*(self.batcher(t) for t in texts)))
 
-    async def _run(self, texts: list[str]) -> list[list[float]]:
+    async def _run(self, texts: list[str]) -> list[torch.Tensor]:
+        """One batch: sorted by length and cut into groups that each pad only to their
+        own longest text (as sentence-transformers' encode does); the groups go into
+        the pipeline together and overlap there."""
         self.metrics.batch_size.observe(len(texts))
-        ids, mask = self.tokenizer(texts)
-        result: Any = await self.pipe((ids, mask))
-        assert isinstance(result, torch.Tensor)
-        rows: list[list[float]] = result.tolist()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        size = max(self.min_group, math.ceil(len(texts) / self.groups))
+        groups = [order[i:i + size] for i in range(0, len(order), size)]
+        outputs = await asyncio.gather(*(self._embed([texts[i] for i in group])
+                                         for group in groups))
+        rows: list[torch.Tensor] = list(texts)  # type: ignore[arg-type]
+        for group, out in zip(groups, outputs, strict=True):
+            for i, row in zip(group, out, strict=True):
+                rows[i] = row
         return rows
+
+    async def _embed(self, texts: list[str]) -> torch.Tensor:
+        result: Any = await self.pipe(self.tokenizer(texts))
+        assert isinstance(result, torch.Tensor)
+        return result
 
     async def health(self, timeout: float) -> None:
         """One real request through every stage, bypassing the queue."""
