@@ -17,10 +17,12 @@ import anyio.to_thread
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._spec import LayerSpec
+
 if TYPE_CHECKING:
     from ._pipeline import Pipeline
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["checkpoint_spec", "load_checkpoint", "save_checkpoint"]
 
 MANIFEST = "shardline.json"
 
@@ -42,8 +44,13 @@ async def save_checkpoint(pipe: Pipeline, directory: str | os.PathLike[str]) -> 
         state = await ref.optimizer_state()
         opt_tensors.update(state["tensors"])
         groups.append(state["groups"])
-    manifest = {"format": 1, "schedule": pipe.schedule.name,
-                "devices": pipe.schedule.n_devices, "optimizer_groups": groups}
+    manifest: dict[str, Any] = {"format": 1, "schedule": pipe.schedule.name,
+                                "devices": pipe.schedule.n_devices,
+                                "optimizer_groups": groups}
+    if pipe.model_spec is not None:
+        # how to build the model again (e.g. `shardline serve --model gpt:DIR`); its
+        # weights are this checkpoint's, not whatever the spec was started from
+        manifest["model"] = {**pipe.model_spec.to_wire(), "weights": None}
 
     def write() -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -55,6 +62,17 @@ async def save_checkpoint(pipe: Pipeline, directory: str | os.PathLike[str]) -> 
         _atomic(path / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
     await anyio.to_thread.run_sync(write)
+
+
+def checkpoint_spec(directory: str | os.PathLike[str]) -> LayerSpec:
+    """The ``LayerSpec`` a checkpoint was saved from, reading its weights."""
+    path = Path(directory)
+    manifest = json.loads((path / MANIFEST).read_text())
+    if "model" not in manifest:
+        raise ValueError(f"{path} does not say how to build its model (saved from a "
+                         "pipeline of an nn.Module rather than a LayerSpec)")
+    return LayerSpec.from_wire({**manifest["model"],
+                                "weights": str((path / "model.safetensors").resolve())})
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:

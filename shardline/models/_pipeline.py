@@ -7,7 +7,7 @@ import itertools
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -71,20 +71,27 @@ class Scheduler(Actor):
             losses.update(r.get("losses", {}))
         return sum(losses.values()) / m
 
-    async def infer(self, x: Any) -> Any:
+    async def infer(self, x: Any, cache: str | None = None) -> Any:
         first = _tree.leaves(x)
         m = max(1, min(self.schedule.n_microbatches, first[0].shape[0] if first else 1))
+        if cache is not None:
+            m = 1  # a cached request's state belongs to its whole batch
         xs = _tree.split(x, m)
         programs = [_program([a for a in acts if a.kind == "F" and a.mb < m])
                     for acts in self.schedule.actions]
-        results = await self._run(programs, dict(enumerate(xs)), None, False, m)
+        results = await self._run(programs, dict(enumerate(xs)), None, False, m, cache)
         outputs: dict[int, Any] = {}
         for r in results:
             outputs.update(r.get("outputs", {}))
         return _tree.cat([outputs[i] for i in range(m)])
 
+    async def release(self, cache: str) -> None:
+        for ref in self.devices:
+            await ref.tell("release", cache)
+
     async def _run(self, programs: list[list[list[Any]]], inputs: dict[int, Any],
-                   targets: dict[int, Any] | None, train: bool, m: int) -> list[dict[str, Any]]:
+                   targets: dict[int, Any] | None, train: bool, m: int,
+                   cache: str | None = None) -> list[dict[str, Any]]:
         step = next(self._steps)
         trace = self.tracing
         started = time.time()
@@ -97,7 +104,7 @@ class Scheduler(Actor):
             try:
                 results[d] = await ref.run(
                     step, programs[d], inputs if d == first_device else None,
-                    targets if d == last_device else None, train, m, trace)
+                    targets if d == last_device else None, train, m, trace, cache)
             except Exception as exc:
                 if not failure:
                     failure.append((d, exc))
@@ -131,6 +138,7 @@ class Pipeline:
         self.devices = devices
         self.schedule = schedule
         self._always_trace = trace
+        self.model_spec: LayerSpec | None = None  # what a checkpoint records
 
     @classmethod
     async def start(cls, node: Node, model: nn.Module | LayerSpec, *,
@@ -249,7 +257,9 @@ class Pipeline:
                 for ref in devices:
                     await _quietly(ref.stop())
             raise
-        return cls(node, scheduler, devices, plan, trace)
+        pipe = cls(node, scheduler, devices, plan, trace)
+        pipe.model_spec = model if isinstance(model, LayerSpec) else None
+        return pipe
 
     async def train_step(self, x: Any, y: Any) -> float:
         """One optimizer step over the batch ``(x, y)`` split into microbatches; returns
@@ -259,6 +269,37 @@ class Pipeline:
     async def __call__(self, x: Any) -> Any:
         """Inference (no autograd state kept); concurrent calls overlap in the pipeline."""
         return await self._schedule("infer", x)
+
+    async def generate(self, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
+                       temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int | None = None) -> AsyncGenerator[int, None]:
+        """Tokens of a continuation of ``prompt`` (token ids), one at a time, for a
+        causal LM whose last layer returns logits ``[batch, time, vocab]``.
+
+        The prompt goes through the pipeline once; after that only the newest token
+        does: every stage keeps its layers' keys and values for this request
+        (``forward_cached``) until the iteration ends, is closed or cancelled.
+        ``temperature == 0`` is greedy; otherwise sampling with nucleus ``top_p`` and a
+        generator seeded with ``seed``.
+        """
+        from ._generate import sample
+
+        ids = torch.as_tensor(prompt, dtype=torch.int64).reshape(1, -1)
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt is empty")
+        gen = torch.Generator()
+        gen.manual_seed(seed if seed is not None else secrets.randbits(63))
+        cache = secrets.token_hex(8)
+        try:
+            x = ids
+            for _ in range(max_new_tokens):
+                logits = await self._schedule("infer", x, cache)
+                token = sample(logits[0, -1], temperature, top_p, gen)
+                yield token
+                x = torch.tensor([[token]], dtype=torch.int64)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _quietly(self.scheduler.release(cache))
 
     async def timeline(self) -> Trace:
         """The steps recorded since the last call: every step with ``trace=True``, or

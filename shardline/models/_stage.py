@@ -35,7 +35,7 @@ class StageActor(Actor):
                  bounds: list[list[int]], layer_names: list[list[str]] | None = None,
                  modules: list[nn.Module] | None = None, spec: dict[str, Any] | None = None,
                  device: str = "cpu", optimizer: Sequence[Any] | None = None,
-                 loss_fn: Any = None, token: str = "") -> None:
+                 loss_fn: Any = None, token: str = "", cache_idle_s: float = 300.0) -> None:
         self.device_index = device_index
         self.stages = list(stages)                 # virtual stages held, ascending
         self.n_stages = n_stages
@@ -55,6 +55,8 @@ class StageActor(Actor):
         self._device: Device | None = None
         self.busy_seconds = 0.0                    # compute time, for metrics
         self.operations = 0
+        self.cache_idle_s = cache_idle_s
+        self._caches: dict[str, _Cache] = {}       # device thread only
 
     @property
     def link(self) -> Device:
@@ -114,13 +116,16 @@ class StageActor(Actor):
     async def run(self, step: int, actions: list[list[Any]],
                   inputs: dict[int, Any] | None = None,
                   targets: dict[int, Any] | None = None, train: bool = True,
-                  n_microbatches: int = 1, trace: bool = False) -> dict[str, Any]:
+                  n_microbatches: int = 1, trace: bool = False,
+                  cache: str | None = None) -> dict[str, Any]:
         """Execute this device's program for one step: ``actions`` are
         ``[stage, "F" | "B", microbatch]`` in order.
 
         Returns ``{"losses": {mb: float}}`` from the device holding the last stage when
         training, ``{"outputs": {mb: value}}`` when not, and ``{}`` elsewhere; with
-        ``trace``, also ``{"spans": [[stage, kind, mb, start, end], ...]}``.
+        ``trace``, also ``{"spans": [[stage, kind, mb, start, end], ...]}``. With
+        ``cache`` (inference), layers that have ``forward_cached`` keep their state
+        (e.g. keys and values) under that id for the next call, until ``release``.
         """
         device = self.link
         loop = asyncio.get_running_loop()
@@ -128,6 +133,7 @@ class StageActor(Actor):
                            n_microbatches, loop.create_future())
         if trace:
             program.spans = []
+        program.cache = cache
         device.submit(functools.partial(self._drive, program))
         try:
             await program.done
@@ -198,8 +204,13 @@ class StageActor(Actor):
                 if value is None:
                     raise KeyError(f"stage 0 got no input for microbatch {mb}")
             target = program.targets.get(mb) if s == last else None
-            y, x_leaves, loss = self._forward(s, value, program.train, target,
-                                              program.n_microbatches)
+            x_leaves: list[torch.Tensor] = []
+            loss: torch.Tensor | None = None
+            if program.cache is not None and not program.train:
+                y = self._forward_cached(s, value, program.cache)
+            else:
+                y, x_leaves, loss = self._forward(s, value, program.train, target,
+                                                  program.n_microbatches)
             if s == last:
                 if program.train:
                     assert loss is not None
@@ -243,6 +254,36 @@ class StageActor(Actor):
                 # Mean over microbatches: each microbatch contributes loss / m.
                 loss = self.loss_fn(y, target) / n_microbatches
         return y, x_leaves, loss
+
+    def _forward_cached(self, stage: int, x: Any, cache_id: str) -> Any:
+        """Inference that continues request ``cache_id``: its state lives here, on the
+        device thread, until ``release`` or ``cache_idle_s`` without use."""
+        now = time.monotonic()
+        for key in [k for k, c in self._caches.items()
+                    if now - c.used > self.cache_idle_s and k != cache_id]:
+            del self._caches[key]  # a request that was abandoned without a release
+        entry = self._caches.get(cache_id)
+        if entry is None:
+            entry = self._caches[cache_id] = _Cache()
+        entry.used = now
+        layers = list(self.chunks[stage].children())
+        states = entry.layers.setdefault(stage, [{} for _ in layers])
+        with torch.inference_mode():
+            x = _tree.map_tensors(x, lambda t: t.to(self.device))
+            for layer, state in zip(layers, states, strict=True):
+                cached = getattr(layer, "forward_cached", None)
+                x = cached(x, state) if cached is not None else layer(x)
+        return x
+
+    def release(self, cache_id: str) -> None:
+        """Free what ``run(..., cache=cache_id)`` kept (the request ended)."""
+        self.link.submit(functools.partial(self._drop_cache, cache_id))
+
+    def _drop_cache(self, cache_id: str) -> None:
+        self._caches.pop(cache_id, None)
+
+    def cached_requests(self) -> int:
+        return len(self._caches)
 
     @staticmethod
     def _backward(x_leaves: list[torch.Tensor], y: Any,
@@ -319,6 +360,14 @@ class StageActor(Actor):
         self.optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
+class _Cache:
+    __slots__ = ("layers", "used")
+
+    def __init__(self) -> None:
+        self.layers: dict[int, list[dict[str, Any]]] = {}  # per stage, per layer
+        self.used = time.monotonic()
+
+
 class _Program:
     """One step (or inference call) on one device: its actions, how far the device
     thread got, what forward kept for backward, and the results."""
@@ -338,6 +387,7 @@ class _Program:
         self.losses: dict[int, float] = {}
         self.outputs: dict[int, Any] = {}
         self.spans: list[list[Any]] | None = None  # [stage, kind, mb, start, end]
+        self.cache: str | None = None
         self.done = done
 
     def resolve(self, error: Exception | None) -> None:

@@ -37,6 +37,18 @@ class Embed(nn.Module):
         out: torch.Tensor = self.tokens(idx) + self.positions(pos)
         return out
 
+    def forward_cached(self, idx: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
+        """Embed tokens that continue a sequence of ``cache["pos"]`` tokens."""
+        start = int(cache.get("pos", 0))
+        end = start + idx.shape[1]
+        if end > self.positions.num_embeddings:
+            raise ValueError(f"sequence of {end} tokens exceeds the model's context of "
+                             f"{self.positions.num_embeddings}")
+        cache["pos"] = end
+        pos = torch.arange(start, end, device=idx.device)
+        out: torch.Tensor = self.tokens(idx) + self.positions(pos)
+        return out
+
 
 class Block(nn.Module):
     """Pre-norm transformer block with causal self-attention."""
@@ -55,6 +67,28 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).split(d, dim=2)
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self._finish(x, att)
+
+    def forward_cached(self, x: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
+        """``x`` continues the sequence whose keys and values ``cache`` holds (and gets)."""
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        past = cache.get("k")
+        if past is not None:
+            k = torch.cat([past, k], dim=2)
+            v = torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+        if past is None:
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new token i sits at position p + i and sees keys 0 .. p + i
+            p = past.shape[2]
+            keep = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(p)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return self._finish(x, att)
+
+    def _finish(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
         out: torch.Tensor = x + self.mlp(self.norm2(x))
         return out
@@ -69,6 +103,9 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.out(self.norm(x))
         return logits
+
+    def forward_cached(self, x: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
+        return self.forward(x)
 
 
 def n_layers(config: dict[str, Any] | None = None) -> int:

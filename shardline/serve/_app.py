@@ -7,11 +7,13 @@ import base64
 import hmac
 import json
 import logging
+import secrets
 import time
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,9 +21,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._errors import ShardlineError
 from ..models import QueueFull
 from ._metrics import ServeMetrics
-from ._service import EmbeddingService, InputError
+from ._service import CompletionService, EmbeddingService, InputError
+
+Service = EmbeddingService | CompletionService
 
 __all__ = ["create_app"]
+
+S = TypeVar("S", EmbeddingService, CompletionService)
+N = TypeVar("N", int, float)
 
 log = logging.getLogger("shardline.serve")
 
@@ -42,7 +49,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error",
                                    "code": code}}, status_code=status)
 
 
-def create_app(services: dict[str, EmbeddingService], metrics: ServeMetrics, *,
+def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
                api_key: str | None = None, health_timeout: float = 5.0) -> ASGIApp:
     """The ASGI app serving ``services`` (model name -> service)."""
     app = FastAPI(title="shardline", docs_url=None, redoc_url=None, openapi_url=None)
@@ -69,7 +76,7 @@ def create_app(services: dict[str, EmbeddingService], metrics: ServeMetrics, *,
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict[str, Any]:
         body = await _body(request)
-        service = _service(services, body)
+        service = _service(services, body, EmbeddingService)
         texts = _texts(body.get("input"))
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
@@ -94,6 +101,62 @@ def create_app(services: dict[str, EmbeddingService], metrics: ServeMetrics, *,
                 for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": service.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> dict[str, Any] | Response:
+        body = await _body(request)
+        service = _service(services, body, CompletionService)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise _Reject(400, "'prompt' must be a string (one prompt per request)",
+                          param="prompt")
+        max_tokens = _number(body, "max_tokens", 16, int, 1, 1 << 20)
+        temperature = _number(body, "temperature", 1.0, float, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, float, 1e-9, 1.0)
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise _Reject(400, "'seed' must be an integer", param="seed")
+        if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+            raise _Reject(400, "only n = 1 is supported", param="n")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or \
+                not all(isinstance(x, str) for x in stop):
+            raise _Reject(400, "'stop' must be a string or up to 4 strings", param="stop")
+        try:
+            ids = service.encode(prompt)
+        except InputError as exc:
+            raise _Reject(400, str(exc), param="prompt",
+                          code="context_length_exceeded") from None
+        pieces = service.complete(ids, max_tokens, temperature=temperature, top_p=top_p,
+                                  seed=seed, stop=stop)
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
+                "created": int(time.time()), "model": service.name}
+        try:  # the first piece before answering: a dead pipeline is a 503, not a stream
+            first = await anext(pieces)
+        except QueueFull as exc:
+            raise _Reject(429, f"server busy: {exc}; retry later",
+                          kind="rate_limit_error") from None
+        except ShardlineError as exc:
+            raise _Reject(503, f"the model is unavailable: {exc}",
+                          kind="server_error") from None
+        if body.get("stream"):
+            return StreamingResponse(_events(head, first, pieces),
+                                     media_type="text/event-stream")
+        text, reason = first
+        try:
+            async for piece, why in pieces:
+                text, reason = text + piece, why
+        except ShardlineError as exc:
+            raise _Reject(503, f"the model is unavailable: {exc}",
+                          kind="server_error") from None
+        completion = len(text.encode("utf-8"))
+        return {**head, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                     "finish_reason": reason}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": completion,
+                          "total_tokens": len(ids) + completion}}
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -164,7 +227,7 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _service(services: dict[str, EmbeddingService], body: dict[str, Any]) -> EmbeddingService:
+def _service(services: dict[str, Service], body: dict[str, Any], kind: type[S]) -> S:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _Reject(400, "'model' is required (a string)", param="model")
@@ -172,7 +235,45 @@ def _service(services: dict[str, EmbeddingService], body: dict[str, Any]) -> Emb
     if service is None:
         raise _Reject(404, f"The model '{model}' does not exist; this server has "
                       f"{sorted(services)}", code="model_not_found", param="model")
+    if not isinstance(service, kind):
+        raise _Reject(400, f"the model '{model}' serves {service.kind}, not this endpoint",
+                      param="model")
     return service
+
+
+def _number(body: dict[str, Any], name: str, default: float, kind: type[N], low: float,
+            high: float) -> N:
+    value = body.get(name, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (kind is int and not isinstance(value, int)) or not low <= value <= high:
+        raise _Reject(400, f"'{name}' must be {'an integer' if kind is int else 'a number'} "
+                      f"in [{low}, {high}]", param=name)
+    return kind(value)
+
+
+async def _events(head: dict[str, Any], first: tuple[str, str | None],
+                  pieces: AsyncGenerator[tuple[str, str | None], None]
+                  ) -> AsyncIterator[bytes]:
+    """Server-sent events as OpenAI streams them, ending with ``data: [DONE]``. A client
+    that goes away closes ``pieces``, which frees the request's caches on the stages."""
+    def event(text: str, reason: str | None) -> bytes:
+        chunk = {**head, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                      "finish_reason": reason}]}
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    try:
+        yield event(*first)
+        async for piece, reason in pieces:
+            yield event(piece, reason)
+    except ShardlineError as exc:  # the status line is gone: say it in the stream
+        error = {"error": {"message": f"the model is unavailable: {exc}",
+                           "type": "server_error", "param": None, "code": None}}
+        yield f"data: {json.dumps(error)}\n\n".encode()
+    finally:
+        await pieces.aclose()
+    yield b"data: [DONE]\n\n"
 
 
 def _texts(value: Any) -> list[str]:

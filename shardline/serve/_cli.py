@@ -6,11 +6,13 @@ import argparse
 
 __all__ = ["MODELS", "add_arguments"]
 
-MODELS = ("minilm",)
+MODELS = ("minilm", "gpt")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="minilm", help=f"one of {', '.join(MODELS)}")
+    parser.add_argument("--model", default="minilm",
+                        help="minilm (sentence embeddings) or gpt[:CHECKPOINT_DIR] (text "
+                        "completions; without a checkpoint: untrained weights)")
     parser.add_argument("--stages", type=int, default=2, help="pipeline stages (default 2)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes for the stages (default: one per stage; "

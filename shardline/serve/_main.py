@@ -11,19 +11,30 @@ from collections.abc import AsyncIterator
 
 from .. import LocalCluster, Node, run
 from .._errors import ShardlineError
-from ..models import Pipeline, minilm
+from ..models import Pipeline, gpt, minilm
+from ..models._checkpoint import checkpoint_spec
 from ._cli import MODELS
 from ._metrics import ServeMetrics
-from ._service import EmbeddingService
+from ._service import CompletionService, EmbeddingService
 
 __all__ = ["serve_command"]
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    if args.model not in MODELS:
+    name, _, checkpoint = args.model.partition(":")
+    if name not in MODELS or (checkpoint and name != "gpt"):
         sys.stderr.write(f"shardline serve: unknown model {args.model!r} "
-                         f"(choose from {', '.join(MODELS)})\n")
+                         "(minilm, gpt or gpt:CHECKPOINT_DIR)\n")
         return 2
+    if checkpoint:
+        try:
+            args.spec = checkpoint_spec(checkpoint)
+        except (OSError, ValueError, KeyError) as exc:
+            sys.stderr.write(f"shardline serve: cannot use checkpoint {checkpoint}: {exc}\n")
+            return 2
+    else:
+        args.spec = minilm.spec() if name == "minilm" else gpt.spec()
+    args.name = name
     if args.stages < 1:
         sys.stderr.write("shardline serve: --stages must be >= 1\n")
         return 2
@@ -63,20 +74,26 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     async with Node() as node, _cluster(node, workers) as cluster:
         placement = (["cpu"] * args.stages if cluster is None else
                      [cluster.nodes[i % len(cluster.nodes)] for i in range(args.stages)])
-        pipe = await Pipeline.start(node, minilm.spec(), placement=placement,
+        pipe = await Pipeline.start(node, args.spec, placement=placement,
                                     microbatches=args.microbatches or args.stages)
         metrics = ServeMetrics()
+        service: EmbeddingService | CompletionService
+        if args.name == "minilm":
+            service = EmbeddingService(args.name, pipe, metrics=metrics,
+                                       max_batch=args.max_batch,
+                                       max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+        else:
+            service = CompletionService(args.name, pipe, metrics=metrics,
+                                        context=int(args.spec.config["seq"]),
+                                        max_queue=args.max_queue)
         try:
-            async with EmbeddingService(args.model, pipe, metrics=metrics,
-                                        max_batch=args.max_batch,
-                                        max_wait_ms=args.max_wait_ms,
-                                        max_queue=args.max_queue) as service:
-                app = create_app({args.model: service}, metrics, api_key=args.api_key)
+            async with service:
+                app = create_app({args.name: service}, metrics, api_key=args.api_key)
                 config = uvicorn.Config(app, log_level=args.log_level, lifespan="off",
                                         access_log=False)
                 server = uvicorn.Server(config)
                 host, port = sock.getsockname()[:2]
-                sys.stdout.write(f"shardline serve http://{host}:{port} model={args.model} "
+                sys.stdout.write(f"shardline serve http://{host}:{port} model={args.name} "
                                  f"stages={args.stages} workers={workers}\n")
                 sys.stdout.flush()
                 await server.serve(sockets=[sock])

@@ -30,10 +30,13 @@ class ServeMetrics:
         self.stage_busy = Gauge("shardline_stage_busy_seconds",
                                 "Compute time spent by each pipeline device",
                                 ["device"], registry=self.registry)
+        self.tokens = Counter("shardline_completion_tokens", "Tokens generated",
+                              registry=self.registry)
         self._pipe: Pipeline | None = None
 
-    def watch(self, batcher: Any, pipe: Pipeline) -> None:
-        self.queue_depth.set_function(lambda: float(batcher.depth))
+    def watch(self, queue: Any, pipe: Pipeline) -> None:
+        """``queue.depth``: requests waiting (or running, for completions)."""
+        self.queue_depth.set_function(lambda: float(queue.depth))
         self._pipe = pipe
 
     async def render(self, timeout: float = 1.0) -> bytes:

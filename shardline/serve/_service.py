@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
+import contextlib
 import math
 import time
+from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import Any
 
@@ -12,10 +15,10 @@ import anyio
 import torch
 
 from .._errors import ShardlineError
-from ..models import Batcher, Pipeline, minilm
+from ..models import Batcher, Pipeline, QueueFull, minilm
 from ._metrics import ServeMetrics
 
-__all__ = ["EmbeddingService", "InputError", "Unavailable"]
+__all__ = ["CompletionService", "EmbeddingService", "InputError", "Unavailable"]
 
 
 class InputError(ShardlineError, ValueError):
@@ -100,3 +103,93 @@ class EmbeddingService:
         with anyio.fail_after(timeout):
             ids, mask = self.tokenizer(["health"])
             await self.pipe((ids, mask))
+
+
+class CompletionService:
+    """Text completions from a byte-level causal LM (``sl.models.gpt``: token = byte)
+    over a pipeline; each request keeps its keys and values on the stages while it
+    runs (``Pipeline.generate``)."""
+
+    kind = "completions"
+
+    def __init__(self, name: str, pipe: Pipeline, *, context: int, metrics: ServeMetrics,
+                 max_queue: int = 1024) -> None:
+        self.name = name
+        self.pipe = pipe
+        self.context = context
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.active = 0
+        self.created = int(time.time())
+
+    async def __aenter__(self) -> CompletionService:
+        self.metrics.watch(self, self.pipe)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    @property
+    def depth(self) -> int:
+        return self.active
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = list(prompt.encode("utf-8"))
+        if not ids:
+            raise InputError("the prompt is empty")
+        if len(ids) >= self.context:
+            raise InputError(f"the prompt is {len(ids)} tokens; this model's context is "
+                             f"{self.context} tokens, including the completion")
+        return ids
+
+    async def complete(self, ids: list[int], max_tokens: int, *, temperature: float,
+                       top_p: float, seed: int | None,
+                       stop: list[str]) -> AsyncGenerator[tuple[str, str | None], None]:
+        """``(text, finish_reason)`` pieces; the last one has a finish reason."""
+        if self.active >= self.max_queue:
+            raise QueueFull(f"{self.active} completions are running "
+                            f"(max_queue={self.max_queue})")
+        budget = min(max_tokens, self.context - len(ids))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        held = ""  # text that could still turn out to start a stop sequence
+        produced = 0
+        self.active += 1
+        try:
+            async with contextlib.aclosing(self.pipe.generate(
+                    ids, budget, temperature=temperature, top_p=top_p, seed=seed)) as tokens:
+                async for token in tokens:
+                    produced += 1
+                    held += decoder.decode(bytes([token]))
+                    cut = _stop_at(held, stop)
+                    if cut is not None:
+                        yield held[:cut], "stop"
+                        return
+                    keep = _stop_prefix(held, stop)
+                    if len(held) > keep:
+                        yield held[:len(held) - keep], None
+                        held = held[len(held) - keep:]
+            held += decoder.decode(b"", final=True)
+            yield held, "length"
+        finally:
+            self.active -= 1
+            self.metrics.tokens.inc(produced)
+
+    async def health(self, timeout: float) -> None:
+        with anyio.fail_after(timeout):
+            await self.pipe(torch.zeros(1, 1, dtype=torch.int64))
+
+
+def _stop_at(text: str, stop: list[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(found) if found else None
+
+
+def _stop_prefix(text: str, stop: list[str]) -> int:
+    """Length of the longest tail of ``text`` that begins some stop sequence."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
