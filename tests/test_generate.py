@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import shardline as sl
-from shardline.models import Pipeline, gpt
+from shardline.models import Pipeline, PipelineError, gpt
 from tests.test_serve import Server
 
 pytestmark = pytest.mark.anyio
@@ -68,6 +68,21 @@ async def test_an_abandoned_generation_frees_its_caches() -> None:
         with anyio.fail_after(5):
             while [await d.cached_requests() for d in pipe.devices] != [0, 0]:
                 await anyio.sleep(0.05)
+        await pipe.stop()
+
+
+async def test_an_idle_request_is_dropped_and_cannot_continue() -> None:
+    async with sl.Node() as node:
+        pipe = await Pipeline.start(node, gpt.spec(CFG), stages=2, cache_idle_s=0.3)
+        tokens = pipe.generate(list(b"abc"), 30)
+        await anext(tokens)
+        with anyio.fail_after(5):  # nobody calls: housekeeping frees it
+            while [await d.cached_requests() for d in pipe.devices] != [0, 0]:
+                await anyio.sleep(0.1)
+        with pytest.raises(PipelineError, match="idle"):
+            await anext(tokens)
+        await tokens.aclose()
+        assert len([t async for t in pipe.generate(list(b"abc"), 3)]) == 3
         await pipe.stop()
 
 

@@ -52,8 +52,9 @@ class Device:
     """
 
     def __init__(self, name: str, token: str, endpoint: Endpoint | None,
-                 send_timeout: float) -> None:
+                 send_timeout: float, idle: Callable[[], None] | None = None) -> None:
         self.name = name
+        self._idle = idle  # runs on the thread about once a second while it has no work
         self._token = token
         self._send_timeout_ms = max(1, int(send_timeout * 1000))
         self._lock = threading.Lock()
@@ -177,8 +178,13 @@ class Device:
                     except Exception:
                         log.exception("job on device %s raised", self.name)
                     continue
-                # The timeout only bounds how long a lost wake-up could last.
-                poller.poll(1000)
+                # The timeout bounds how long a lost wake-up could last, and paces
+                # the idle housekeeping.
+                if not poller.poll(1000) and self._idle is not None:
+                    try:
+                        self._idle()
+                    except Exception:
+                        log.exception("housekeeping on device %s raised", self.name)
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
         finally:

@@ -147,7 +147,8 @@ class Pipeline:
                     microbatches: int = 8, chunks: int = 2,
                     loss_fn: str | Callable[..., torch.Tensor] | None = None,
                     optimizer: tuple[str, dict[str, Any]] | None = None,
-                    balance: str = "params", trace: bool = False) -> Pipeline:
+                    balance: str = "params", trace: bool = False,
+                    cache_idle_s: float = 300.0) -> Pipeline:
         """Split ``model`` into stages, spawn a ``StageActor`` per device, connect them.
 
         ``stages`` counts devices; with ``schedule="interleaved-1f1b"`` each device holds
@@ -155,6 +156,8 @@ class Pipeline:
         (this process), a ``RemoteNode``, or ``(RemoteNode, "cuda:1")``. A plain
         ``nn.Module`` can only be placed in this process; use a ``LayerSpec`` for remote
         stages. ``trace=True`` records every step (``await pipe.timeline()``).
+        ``cache_idle_s``: how long a stage keeps a ``generate`` request's state after
+        its last use when nobody released it.
         """
         if split_points is not None:
             n_devices = len(split_points) + 1
@@ -214,6 +217,7 @@ class Pipeline:
                 "optimizer": list(optimizer) if optimizer is not None else None,
                 "loss_fn": loss_fn if last_here else None,
                 "token": token,
+                "cache_idle_s": cache_idle_s,
             }
             try:
                 if isinstance(where, str):

@@ -57,6 +57,7 @@ class StageActor(Actor):
         self.operations = 0
         self.cache_idle_s = cache_idle_s
         self._caches: dict[str, _Cache] = {}       # device thread only
+        self._expired: dict[str, None] = {}        # recently expired ids, oldest first
 
     @property
     def link(self) -> Device:
@@ -66,7 +67,8 @@ class StageActor(Actor):
 
     async def on_start(self) -> None:
         self._device = Device(f"stage{self.device_index}", self._token,
-                              self.node._endpoint, self.node.peer_timeout)
+                              self.node._endpoint, self.node.peer_timeout,
+                              idle=self._expire_caches)
         # Building (and loading) a shard can take long: off the loop, so the node keeps
         # answering heartbeats.
         await to_thread(self._build)
@@ -259,9 +261,10 @@ class StageActor(Actor):
         """Inference that continues request ``cache_id``: its state lives here, on the
         device thread, until ``release`` or ``cache_idle_s`` without use."""
         now = time.monotonic()
-        for key in [k for k, c in self._caches.items()
-                    if now - c.used > self.cache_idle_s and k != cache_id]:
-            del self._caches[key]  # a request that was abandoned without a release
+        self._expire_caches()
+        if cache_id in self._expired:
+            raise LookupError(f"request {cache_id} was idle for over {self.cache_idle_s} s; "
+                              "its cached state is gone")
         entry = self._caches.get(cache_id)
         if entry is None:
             entry = self._caches[cache_id] = _Cache()
@@ -274,6 +277,16 @@ class StageActor(Actor):
                 cached = getattr(layer, "forward_cached", None)
                 x = cached(x, state) if cached is not None else layer(x)
         return x
+
+    def _expire_caches(self) -> None:
+        """Device thread: drop the state of requests idle for ``cache_idle_s`` (abandoned
+        without a release: a lost client, a crashed driver)."""
+        now = time.monotonic()
+        for key in [k for k, c in self._caches.items() if now - c.used > self.cache_idle_s]:
+            del self._caches[key]
+            self._expired[key] = None
+            if len(self._expired) > 4096:
+                del self._expired[next(iter(self._expired))]
 
     def release(self, cache_id: str) -> None:
         """Free what ``run(..., cache=cache_id)`` kept (the request ended)."""
