@@ -1,5 +1,5 @@
-"""The ``shardline`` command: ``node`` runs a worker node, ``serve`` serves a model over
-HTTP, ``keys`` manages CURVE keys."""
+"""The ``shardline`` command: ``demo`` shows the system at work, ``node`` runs a worker
+node, ``serve`` serves a model over HTTP, ``keys`` manages CURVE keys."""
 
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "(LocalCluster sets it, so a killed driver leaves no workers behind)")
     node.add_argument("--log-level", default=os.environ.get("SHARDLINE_LOG", "WARNING"))
 
+    demo = sub.add_parser("demo", help="train a small GPT across worker processes, then "
+                          "sample from it: the whole system in about a minute")
+    from .demo import add_arguments as demo_arguments
+
+    demo_arguments(demo)
+
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API "
                            "(needs: pip install 'shardline[serve]')")
     from .serve._cli import add_arguments
@@ -71,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         return run_node(args)
+    if args.command == "demo":
+        from .demo import demo_command
+
+        logging.basicConfig(level="WARNING", stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return demo_command(args)
     if args.command == "serve":
         from .serve._main import serve_command
 

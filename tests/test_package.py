@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,8 @@ def test_console_script_version() -> None:
 
 
 # Short runs of the long examples: enough to exercise every code path.
-EXAMPLE_ARGS = {"train_gpt.py": ["--steps", "3", "--dim", "32", "--blocks", "2"]}
+EXAMPLE_ARGS = {"train_gpt.py": ["--steps", "3", "--dim", "32", "--blocks", "2"],
+                "custom_actor_service.py": ["--check"]}
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
@@ -56,3 +58,30 @@ def test_example_runs(example: str, tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+def test_cluster_by_hand_walkthrough(tmp_path: Path) -> None:
+    """examples/cluster_by_hand.md: two `shardline node`s, then its script."""
+    text = (ROOT / "examples" / "cluster_by_hand.md").read_text()
+    script = text.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "drive.py").write_text(script)
+    assert text.count("shardline node --listen tcp://127.0.0.1:555") == 2
+    nodes = [subprocess.Popen([sys.executable, "-m", "shardline.cli", "node", "--listen",
+                               "tcp://127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        addresses = []
+        for node in nodes:
+            assert node.stdout is not None
+            addresses.append(node.stdout.readline().split()[2])
+        proc = subprocess.run([sys.executable, str(tmp_path / "drive.py"), *addresses],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        assert "loss after 20 steps" in proc.stdout and "continuation: the quick" in proc.stdout
+    finally:
+        for node in nodes:
+            node.send_signal(signal.SIGINT)
+        for node in nodes:
+            assert node.wait(timeout=30) == 0
+            if node.stdout is not None:
+                node.stdout.close()

@@ -102,3 +102,66 @@ class Trace:
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(doc, f)
         return doc
+
+    def to_png(self, path: str | os.PathLike[str], *, step: int = -1,
+               title: str | None = None) -> None:
+        """A Gantt chart of step ``step`` (the last by default); see ``to_png``."""
+        to_png(self, path, step=step, title=title)
+
+
+_COLORS = {"F": "#4C72B0", "B": "#55A868", "opt": "#8172B2", "send": "#DD8452"}
+
+
+def to_png(trace: Trace, path: str | os.PathLike[str], *, step: int = -1,
+           title: str | None = None) -> None:
+    """A Gantt chart of one recorded step, drawn like the GPipe and 1F1B papers' figures:
+    one row per device, forward (blue) and backward (green) boxes labelled with their
+    microbatch, sends as thin orange ticks, and the bubble (idle time) hatched in red.
+    Needs matplotlib (``pip install 'shardline[viz]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        raise ImportError("drawing timelines needs matplotlib: "
+                          "pip install 'shardline[viz]'") from None
+    if not trace.steps:
+        raise ValueError("the trace has no steps")
+    st = trace.steps[step]
+    n = st.n_devices
+    t0 = st.start
+    width = (st.end - st.start) * 1e3
+    fig, ax = plt.subplots(figsize=(12, 0.7 * n + 1.6), dpi=120)
+    for d in range(n):
+        row = n - 1 - d  # device 0 on top, as in the papers
+        ax.broken_barh([(0, width)], (row + 0.1, 0.8), facecolors="#fbe3e3",
+                       edgecolors="#d9534f", hatch="///", linewidth=0)
+        for s in st.spans:
+            if s.device != d or s.kind not in _COLORS:
+                continue
+            x, w = (s.start - t0) * 1e3, max((s.end - s.start) * 1e3, width / 2000)
+            if s.kind == "send":
+                ax.broken_barh([(x, w)], (row + 0.1, 0.12), facecolors=_COLORS["send"])
+                continue
+            ax.broken_barh([(x, w)], (row + 0.1, 0.8), facecolors=_COLORS[s.kind],
+                           edgecolors="white", linewidth=0.5)
+            if s.kind in ("F", "B") and w > width / 60:
+                ax.text(x + w / 2, row + 0.5, str(s.mb), ha="center", va="center",
+                        color="white", fontsize=8)
+    ax.set_yticks([n - 1 - d + 0.5 for d in range(n)], [f"device {d}" for d in range(n)])
+    ax.set_xlim(0, width)
+    ax.set_ylim(0, n)
+    ax.set_xlabel("ms since the step started")
+    ax.set_title(title or f"{st.what} step {st.step}: bubble {st.bubble_fraction():.0%}")
+    ax.legend(handles=[Patch(facecolor=_COLORS["F"], label="forward"),
+                       Patch(facecolor=_COLORS["B"], label="backward"),
+                       Patch(facecolor=_COLORS["opt"], label="optimizer"),
+                       Patch(facecolor=_COLORS["send"], label="send"),
+                       Patch(facecolor="#fbe3e3", edgecolor="#d9534f", hatch="///",
+                             label="idle (bubble)")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=5, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
