@@ -20,12 +20,13 @@ def run_node(args: argparse.Namespace) -> int:
         node = Node(args.listen, allow=args.allow, advertise=args.advertise, keys=args.keys,
                     allow_keys=args.allow_keys, insecure=args.insecure,
                     peer_timeout=args.peer_timeout, max_frame_size=args.max_frame_size,
-                    max_header_size=args.max_header_size, max_frames=args.max_frames)
-    except (OSError, ValueError) as exc:
+                    max_header_size=args.max_header_size, max_frames=args.max_frames,
+                    metrics=args.metrics_port is not None)
+    except (OSError, ValueError, ImportError) as exc:
         sys.stderr.write(f"shardline node: {exc}\n")
         return 2
     try:
-        run(_serve(node, args.exit_with_parent))
+        run(_serve(node, args.exit_with_parent, args.metrics_port))
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"shardline node: {exc}\n")
         return 2
@@ -35,12 +36,16 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(node: Node, exit_with_parent: bool) -> None:
+async def _serve(node: Node, exit_with_parent: bool, metrics_port: int | None) -> None:
     parent = os.getppid()
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with node, anyio.create_task_group() as tg:
+            extra = ""
+            if node.metrics is not None and metrics_port is not None:
+                port = node.metrics.serve(metrics_port)
+                extra = f" metrics=http://127.0.0.1:{port}/metrics"
             # The first line of stdout is the contract LocalCluster and scripts read.
-            sys.stdout.write(f"shardline node {node.address} id={node.node_id}\n")
+            sys.stdout.write(f"shardline node {node.address} id={node.node_id}{extra}\n")
             sys.stdout.flush()
             if exit_with_parent:
                 tg.start_soon(_exit_with_parent, parent, tg.cancel_scope)

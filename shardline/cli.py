@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--exit-with-parent", action="store_true",
                       help="stop when the process that started this node dies "
                       "(LocalCluster sets it, so a killed driver leaves no workers behind)")
+    node.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                      help="serve Prometheus metrics of this node's actors and peers on "
+                      "http://127.0.0.1:PORT/metrics (0: a free port, printed on the first "
+                      "line); needs prometheus_client")
     node.add_argument("--log-level", default=os.environ.get("SHARDLINE_LOG", "WARNING"))
 
     demo = sub.add_parser("demo", help="train a small GPT across worker processes, then "

@@ -61,6 +61,8 @@ class ActorCell:
         self.ref = ref
         self.cls = cls
         self.label = ref.name or f"{cls.__qualname__}#{ref.actor_id}"
+        self.messages_in = 0  # taken from the mailbox (asks and tells)
+        self.replies = 0      # asks answered with a result
         self._args = args
         self._kwargs = kwargs
         self._on_error = on_error
@@ -186,6 +188,9 @@ class ActorCell:
             "senders_waiting": stats.tasks_waiting_send,
             "running": len(self._running),
             "restarts": self._policy.restarts,
+            "messages_in": self.messages_in,
+            "replies": self.replies,
+            "overflow": len(self._overflow),
         }
 
     def _stopped_error(self) -> ActorStopped:
@@ -224,6 +229,9 @@ class ActorCell:
         self._check(method)
         loop = self._loop
         fut: asyncio.Future[Any] = loop.create_future()
+        metrics = self.node.metrics
+        if metrics is not None:
+            metrics.time_ask(fut)
         if timeout is not None:
             deadline = loop.time() + timeout
         await self._enqueue((method, args, kwargs, fut), timeout)
@@ -325,6 +333,7 @@ class ActorCell:
                 except anyio.EndOfStream:
                     return
                 method, args, kwargs, fut = msg
+                self.messages_in += 1
                 if fut is not None:
                     if fut.done():
                         continue  # the caller timed out or was cancelled while queued
@@ -361,6 +370,7 @@ class ActorCell:
                     self._abandoned.discard(task)
                 if fut is not None and not fut.done():
                     fut.set_result(result)
+                    self.replies += 1
         finally:
             self._workers.discard(task)
 

@@ -8,7 +8,7 @@ import os
 import random
 from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -21,6 +21,9 @@ from ._cell import ActorCell
 from ._lifecycle import OnError, RestartPolicy
 from ._ref import ActorRef
 from ._remote import RemoteNode, decode_ref, encode_ref, serve_request
+
+if TYPE_CHECKING:
+    from .._metrics import NodeMetrics
 
 __all__ = ["Node"]
 
@@ -48,7 +51,8 @@ class Node:
                  insecure: bool = False, peer_timeout: float = 5.0,
                  heartbeat_interval: float | None = None, connect_timeout: float = 10.0,
                  max_header_size: int = 16 << 20, max_frames: int = 1024,
-                 max_frame_size: int = 1 << 30, stop_timeout: float = 5.0) -> None:
+                 max_frame_size: int = 1 << 30, stop_timeout: float = 5.0,
+                 metrics: bool = False) -> None:
         self.node_id = new_node_id()
         self.address = f"inproc://{self.node_id}"
         self.listen = listen
@@ -66,6 +70,12 @@ class Node:
         self.connect_timeout = connect_timeout
         self.limits = Limits(max_header_size, max_frames, max_frame_size)
         self.stop_timeout = stop_timeout
+        # Prometheus metrics of this node's actors and peers (imported only when asked)
+        self.metrics: NodeMetrics | None = None
+        if metrics:
+            from .._metrics import NodeMetrics as _NodeMetrics
+
+            self.metrics = _NodeMetrics(self)
         # Random start: a node restarted on the same address never reuses an id that a
         # ref from its previous life could still name.
         self._ids = itertools.count(random.getrandbits(31) << 16)

@@ -4,6 +4,7 @@ handler that serves this node's actors to the network."""
 from __future__ import annotations
 
 import importlib
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -64,8 +65,16 @@ class RemoteTarget:
         peer = self._bound
         if peer is None or peer.is_lost:
             peer = await self._peer()
-        return await peer.call({"v": V, "k": "call", "to": self._actor_id, "m": method,
-                                "a": args, "kw": kwargs}, timeout)
+        metrics = self._node.metrics
+        if metrics is None:
+            return await peer.call({"v": V, "k": "call", "to": self._actor_id, "m": method,
+                                    "a": args, "kw": kwargs}, timeout)
+        started = time.monotonic()
+        try:
+            return await peer.call({"v": V, "k": "call", "to": self._actor_id, "m": method,
+                                    "a": args, "kw": kwargs}, timeout)
+        finally:
+            metrics.observe_ask(time.monotonic() - started)
 
     async def tell(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         peer = self._bound

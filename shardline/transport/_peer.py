@@ -46,6 +46,7 @@ class Peer:
         self._unacked: dict[int, int] = {}
         self._window_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self.bytes_sent = 0
+        self.bytes_received = 0
         dealer = endpoint.context.socket(zmq.DEALER)
         endpoint.configure(dealer)
         if server_key is not None or endpoint.keys is not None:
@@ -64,6 +65,7 @@ class Peer:
         rid = next(self._ids)
         header["id"] = rid
         frames = self.endpoint.codec.encode(header, _what(header))
+        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self.pending[rid] = fut
         self.sock.send(frames)
@@ -132,6 +134,7 @@ class Peer:
     def _on_message(self, frames: list[Any]) -> None:
         self.last_seen = time.monotonic()
         header = frames[0]
+        self.bytes_received += len(header) + sum(f.buffer.nbytes for f in frames[1:])
         try:
             msg = self.endpoint.codec.decode(header, [f.buffer for f in frames[1:]])
         except ProtocolError as exc:
