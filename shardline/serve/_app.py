@@ -89,12 +89,8 @@ def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
                 from None
         try:
             vectors = await service.embed(texts)
-        except QueueFull as exc:
-            raise _Reject(429, f"server busy: {exc}; retry later",
-                          kind="rate_limit_error") from None
         except ShardlineError as exc:
-            raise _Reject(503, f"the model is unavailable: {exc}",
-                          kind="server_error") from None
+            raise _model_error(exc) from None
         data = [{"object": "embedding", "index": i,
                  "embedding": v.tolist() if encoding == "float" else
                  base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()}
@@ -136,12 +132,8 @@ def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
                 "created": int(time.time()), "model": service.name}
         try:  # the first piece before answering: a dead pipeline is a 503, not a stream
             first = await anext(pieces)
-        except QueueFull as exc:
-            raise _Reject(429, f"server busy: {exc}; retry later",
-                          kind="rate_limit_error") from None
         except ShardlineError as exc:
-            raise _Reject(503, f"the model is unavailable: {exc}",
-                          kind="server_error") from None
+            raise _model_error(exc) from None
         if body.get("stream"):
             return StreamingResponse(_events(head, first, pieces),
                                      media_type="text/event-stream")
@@ -150,8 +142,7 @@ def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
             async for piece, why in pieces:
                 text, reason = text + piece, why
         except ShardlineError as exc:
-            raise _Reject(503, f"the model is unavailable: {exc}",
-                          kind="server_error") from None
+            raise _model_error(exc) from None
         completion = len(text.encode("utf-8"))
         return {**head, "choices": [{"text": text, "index": 0, "logprobs": None,
                                      "finish_reason": reason}],
@@ -214,6 +205,13 @@ class _Gate:
         finally:
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
             self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+
+
+def _model_error(exc: ShardlineError) -> _Reject:
+    """A full queue is 429 (retry later); anything else from the model side is 503."""
+    if isinstance(exc, QueueFull):
+        return _Reject(429, f"server busy: {exc}; retry later", kind="rate_limit_error")
+    return _Reject(503, f"the model is unavailable: {exc}", kind="server_error")
 
 
 async def _body(request: Request) -> dict[str, Any]:
