@@ -67,6 +67,11 @@ async def test_trace_block_records_every_operation_of_its_steps(tmp_path: Path) 
         assert {"name", "ph", "pid", "tid"} <= event.keys()
         if event["ph"] == "X":
             assert event["ts"] >= 0 and event["dur"] >= 0
+    idle = [e for e in events if e["ph"] == "X" and e["cat"] == "idle"]
+    assert {e["pid"] for e in idle} == {0, 1}  # the bubble, as spans of its own
+    busy = sum(s.end - s.start for s in step.spans if s.kind in ("F", "B", "opt"))
+    gaps = sum(end - start for _, start, end in step.idle())
+    assert abs(busy + gaps - 2 * (step.end - step.start)) < 1e-3
     names = {e["name"] for e in events if e["ph"] == "X"}
     assert {f"{k}{mb}" for k in "FB" for mb in range(4)} <= names
     assert {e["args"]["name"] for e in events if e["ph"] == "M"} == \

@@ -44,6 +44,22 @@ class StepTrace:
         return {(s.stage, s.kind, s.mb): s.end - s.start
                 for s in self.spans if s.kind in ("F", "B")}
 
+    def idle(self) -> list[tuple[int, float, float]]:
+        """``(device, start, end)`` of every stretch in the step when a device computed
+        nothing: the bubble, span by span."""
+        gaps = []
+        for d in range(self.n_devices):
+            busy = sorted((s.start, s.end) for s in self.spans
+                          if s.device == d and s.kind in ("F", "B", "opt"))
+            cursor = self.start
+            for start, end in busy:
+                if start > cursor:
+                    gaps.append((d, cursor, start))
+                cursor = max(cursor, end)
+            if self.end > cursor:
+                gaps.append((d, cursor, self.end))
+        return gaps
+
     def bubble_fraction(self) -> float:
         """Share of the devices' time in this step spent not computing."""
         busy = sum(s.end - s.start for s in self.spans if s.kind in ("F", "B", "opt"))
@@ -85,6 +101,10 @@ class Trace:
                            "ph": "X", "pid": devices, "tid": 0,
                            "ts": (step.start - origin) * 1e6,
                            "dur": (step.end - step.start) * 1e6})
+            for d, start, end in step.idle():
+                events.append({"name": "idle", "cat": "idle", "ph": "X", "pid": d, "tid": 0,
+                               "ts": (start - origin) * 1e6, "dur": (end - start) * 1e6,
+                               "args": {"step": step.step}})
             for s in step.spans:
                 ts = (s.start - origin) * 1e6
                 args = {"stage": s.stage, "microbatch": s.mb, "step": step.step}
