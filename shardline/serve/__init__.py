@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["EmbeddingService", "InputError", "ServeMetrics", "Unavailable", "create_app"]
+__all__ = ["CompletionService", "EmbeddingService", "InputError", "ServeMetrics",
+           "create_app"]
 
-_WHERE = {"EmbeddingService": "._service", "InputError": "._service",
-          "Unavailable": "._service", "ServeMetrics": "._metrics", "create_app": "._app"}
+_WHERE = {"CompletionService": "._service", "EmbeddingService": "._service",
+          "InputError": "._service", "ServeMetrics": "._metrics", "create_app": "._app"}
 
 
 def __getattr__(name: str) -> object:

@@ -18,21 +18,16 @@ from .._errors import ShardlineError
 from ..models import Batcher, Pipeline, QueueFull, minilm
 from ._metrics import ServeMetrics
 
-__all__ = ["CompletionService", "EmbeddingService", "InputError", "Unavailable"]
+__all__ = ["CompletionService", "EmbeddingService", "InputError"]
 
 
 class InputError(ShardlineError, ValueError):
     """The request itself is wrong (HTTP 400): empty, not text, too long."""
 
 
-class Unavailable(ShardlineError):
-    """The model cannot answer now (HTTP 503): a stage failed or is unreachable."""
-
-
 class EmbeddingService:
     """Sentence embeddings from all-MiniLM-L6-v2 over a pipeline: each text is one
-    batcher request; a batch is tokenized (padded to its longest text) and run as one
-    pipeline call."""
+    batcher request; a batch goes into the pipeline as a few length-sorted groups."""
 
     kind = "embeddings"
 
