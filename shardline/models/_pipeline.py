@@ -138,6 +138,7 @@ class Pipeline:
         self.devices = devices
         self.schedule = schedule
         self._always_trace = trace
+        self._held: list[dict[str, Any]] = []  # recorded steps timeline() has not returned
         self.model_spec: LayerSpec | None = None  # what a checkpoint records
 
     @classmethod
@@ -308,7 +309,8 @@ class Pipeline:
     async def timeline(self) -> Trace:
         """The steps recorded since the last call: every step with ``trace=True``, or
         those inside a ``pipe.trace()`` block."""
-        return Trace.from_wire(await self.scheduler.take_trace())
+        held, self._held = self._held, []
+        return Trace.from_wire(held + await self.scheduler.take_trace())
 
     @contextlib.asynccontextmanager
     async def trace(self) -> AsyncIterator[Trace]:
@@ -318,7 +320,11 @@ class Pipeline:
                 await pipe.train_step(x, y)
             trace.to_chrome("step.json")
         """
-        await self.scheduler.take_trace()  # start clean
+        # The block gets only its own steps; with trace=True, earlier ones stay for
+        # timeline().
+        earlier = await self.scheduler.take_trace()
+        if self._always_trace:
+            self._held.extend(earlier)
         await self.scheduler.set_tracing(True)
         recorded = Trace()
         try:
