@@ -61,7 +61,7 @@ async def check() -> None:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: server.serve(sockets=[sock]))
-        while not server.started:
+        while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to await)
             await anyio.sleep(0.05)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         async with httpx.AsyncClient(base_url=url) as client:

@@ -7,28 +7,11 @@ so there is nothing to download. Run: python examples/train_gpt.py [--steps 200]
 from __future__ import annotations
 
 import argparse
-import pydoc_data.topics
 import sys
 import time
 
-import torch
-
 import shardline as sl
 from shardline.models import Pipeline, gpt
-
-
-def corpus() -> torch.Tensor:
-    text = "\n".join(pydoc_data.topics.topics.values()).encode("utf-8", "replace")
-    return torch.tensor(list(text), dtype=torch.long)
-
-
-def batches(data: torch.Tensor, batch: int, seq: int, seed: int = 0):  # type: ignore[no-untyped-def]
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
-        x = torch.stack([data[s:s + seq] for s in starts])
-        y = torch.stack([data[s + 1:s + seq + 1] for s in starts])
-        yield x, y
 
 
 def bar(step: int, total: int, loss: float, tokens_per_s: float, step_ms: float) -> None:
@@ -40,8 +23,7 @@ def bar(step: int, total: int, loss: float, tokens_per_s: float, step_ms: float)
 
 async def main(opts: argparse.Namespace) -> None:
     config = {"blocks": opts.blocks, "dim": opts.dim, "heads": 4, "seq": opts.seq, "vocab": 256}
-    data = corpus()
-    stream = batches(data, opts.batch, opts.seq)
+    stream = gpt.batches(gpt.corpus(), opts.batch, opts.seq)
     async with sl.LocalCluster(opts.workers) as cluster:
         pipe = await Pipeline.start(
             cluster.node, gpt.spec(config), placement=cluster.nodes, schedule=opts.schedule,

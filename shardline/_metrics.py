@@ -1,8 +1,8 @@
 """Prometheus metrics of a node's actor system (``Node(metrics=True)``).
 
 Counters live as plain ints on the actor cells and peers and are read when Prometheus
-scrapes, so the message path pays nothing for them; only ask latencies are recorded as
-they happen, and only when metrics are on.
+scrapes, so the message path pays an integer add for them; only ask latencies are
+recorded as they happen, and only when metrics are on.
 """
 
 from __future__ import annotations

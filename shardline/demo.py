@@ -11,9 +11,8 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 __all__ = ["add_arguments", "demo_command"]
 
@@ -49,25 +48,6 @@ def demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _corpus() -> Any:
-    import pydoc_data.topics
-
-    import torch  # here: `shardline --help` must not pay for importing torch
-
-    text = "\n".join(pydoc_data.topics.topics.values()).encode("utf-8", "replace")
-    return torch.tensor(list(text), dtype=torch.long)
-
-
-def _batches(data: Any, batch: int, seq: int) -> Iterator[tuple[Any, Any]]:
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    while True:
-        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
-        yield (torch.stack([data[s:s + seq] for s in starts]),
-               torch.stack([data[s + 1:s + seq + 1] for s in starts]))
-
-
 def _bar(out: TextIO, done: float, step: int, loss: float, tokens_per_s: float,
          step_ms: float) -> None:
     filled = int(30 * min(done, 1.0))
@@ -84,7 +64,7 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> None:
     workers = args.workers or args.stages
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before any work)
-    stream = _batches(_corpus(), args.batch, int(config["seq"]))
+    stream = gpt.batches(gpt.corpus(), args.batch, int(config["seq"]))
     out.write(f"shardline demo: a {config['blocks']}-block GPT over {args.stages} stages "
               f"in {workers} worker processes, {args.schedule}, "
               f"{args.microbatches} microbatches\n")

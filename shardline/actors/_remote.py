@@ -65,14 +65,14 @@ class RemoteTarget:
         peer = self._bound
         if peer is None or peer.is_lost:
             peer = await self._peer()
+        header = {"v": V, "k": "call", "to": self._actor_id, "m": method, "a": args,
+                  "kw": kwargs}
         metrics = self._node.metrics
         if metrics is None:
-            return await peer.call({"v": V, "k": "call", "to": self._actor_id, "m": method,
-                                    "a": args, "kw": kwargs}, timeout)
+            return await peer.call(header, timeout)
         started = time.monotonic()
         try:
-            return await peer.call({"v": V, "k": "call", "to": self._actor_id, "m": method,
-                                    "a": args, "kw": kwargs}, timeout)
+            return await peer.call(header, timeout)
         finally:
             metrics.observe_ask(time.monotonic() - started)
 

@@ -51,12 +51,13 @@ class Batcher(Generic[T, R]):
         self._arrived = anyio.Event()
         self._tg: TaskGroup | None = None
         self._closed = False
-        self.batches = 0
-        """Batches run so far."""
         self.batch_sizes: list[int] = [0] * (max_batch + 1)
         """``batch_sizes[n]``: how many batches had ``n`` requests."""
-        self.busy_seconds = 0.0
-        """Total time spent inside ``fn``."""
+
+    @property
+    def batches(self) -> int:
+        """Batches run so far."""
+        return sum(self.batch_sizes)
 
     @property
     def depth(self) -> int:
@@ -121,9 +122,7 @@ class Batcher(Generic[T, R]):
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
-            self.batches += 1
             self.batch_sizes[len(batch)] += 1
-            started = time.monotonic()
             try:
                 results = await self._fn([item for item, _ in batch])
                 if len(results) != len(batch):
@@ -134,8 +133,6 @@ class Batcher(Generic[T, R]):
                     if not fut.done():
                         fut.set_exception(exc)
                 return
-            finally:
-                self.busy_seconds += time.monotonic() - started
             for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)

@@ -40,15 +40,15 @@ Key = tuple[int, str, int, int]
 # Devices of this process by link address: a send to one of them hands over the
 # tensors by reference instead of through a socket.
 _LOCAL: dict[str, Device] = {}
-_NOBLOCK, _RCVMORE = int(zmq.NOBLOCK), int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class Device:
     """A thread for one device's torch work plus the inbox it fills from its link.
 
     ``submit(job)`` runs ``job`` on the thread (jobs run one at a time, in order).
-    ``deliver(key, value)`` files an input; a job waiting for ``key`` (``park``) is
-    queued again when it arrives.
+    ``deliver(key, value)`` files an input; a job that found ``key`` missing (``take``)
+    is queued again when it arrives.
     """
 
     def __init__(self, name: str, token: str, endpoint: Endpoint | None,

@@ -9,14 +9,15 @@ builds any contiguous slice, which is what a remote stage calls through
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["DEFAULT", "Block", "Embed", "Head", "generate", "layers", "loss", "model",
-           "n_layers", "spec"]
+__all__ = ["DEFAULT", "Block", "Embed", "Head", "batches", "corpus", "generate", "layers",
+           "loss", "model", "n_layers", "spec"]
 
 DEFAULT: dict[str, Any] = {"vocab": 256, "dim": 128, "heads": 4, "blocks": 4, "seq": 128,
                            "seed": 0}
@@ -156,6 +157,25 @@ def spec(config: dict[str, Any] | None = None, weights: str | None = None) -> An
 def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy over every position."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def corpus() -> torch.Tensor:
+    """Text that ships with Python itself (pydoc's help topics) as byte tokens: a
+    training set with nothing to download."""
+    import pydoc_data.topics
+
+    text = "\n".join(pydoc_data.topics.topics.values()).encode("utf-8", "replace")
+    return torch.tensor(list(text), dtype=torch.long)
+
+
+def batches(data: torch.Tensor, batch: int, seq: int,
+            seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless random windows of ``data``: inputs and the same shifted by one token."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen).tolist()
+        yield (torch.stack([data[s:s + seq] for s in starts]),
+               torch.stack([data[s + 1:s + seq + 1] for s in starts]))
 
 
 @torch.no_grad()
