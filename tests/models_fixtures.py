@@ -56,9 +56,20 @@ class Boom(nn.Module):
         return x
 
 
+def _sleep_after(seconds: float) -> Any:
+    """A forward hook that makes a layer take ``seconds`` longer (time to kill a node in
+    the middle of a step) without changing its parameters or their names."""
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        import time
+
+        time.sleep(seconds)
+    return hook
+
+
 def layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
     """``config["kind"]``: ``"mlp"`` (Linear/Tanh), ``"tree"`` (dict/tuple activations),
-    ``"boom"`` (mlp with a Boom layer at ``config["boom_at"]``)."""
+    ``"boom"`` (mlp with a Boom layer at ``config["boom_at"]``); ``config["slow"]``
+    seconds of sleep after every layer."""
     kind = config.get("kind", "mlp")
     dim, n = int(config.get("dim", 8)), int(config["n"])
     out = []
@@ -73,5 +84,7 @@ def layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
             layer = nn.Linear(dim, 4 if i == n - 1 else dim)
             if i < n - 1:
                 layer = nn.Sequential(layer, nn.Tanh())
+        if config.get("slow"):
+            layer.register_forward_hook(_sleep_after(float(config["slow"])))
         out.append(layer)
     return nn.Sequential(*out)

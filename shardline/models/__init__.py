@@ -6,14 +6,17 @@ from . import minilm as minilm
 from . import schedules as schedules
 from ._batcher import Batcher as Batcher
 from ._batcher import QueueFull as QueueFull
+from ._errors import PipelineError as PipelineError
+from ._errors import PlanError as PlanError
 from ._partition import partition as partition
 from ._pipeline import Pipeline as Pipeline
-from ._pipeline import PipelineError as PipelineError
+from ._plan import Plan as Plan
 from ._spec import LayerSpec as LayerSpec
 from ._stage import StageActor as StageActor
 from ._trace import StepTrace as StepTrace
 from ._trace import Trace as Trace
 from ._trace import TraceSpan as TraceSpan
 
-__all__ = ["Batcher", "LayerSpec", "Pipeline", "PipelineError", "QueueFull", "StageActor",
-           "StepTrace", "Trace", "TraceSpan", "gpt", "minilm", "partition", "schedules"]
+__all__ = ["Batcher", "LayerSpec", "Pipeline", "PipelineError", "Plan", "PlanError",
+           "QueueFull", "StageActor", "StepTrace", "Trace", "TraceSpan", "gpt", "minilm",
+           "partition", "schedules"]

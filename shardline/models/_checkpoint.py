@@ -83,8 +83,10 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str
 
 async def load_checkpoint(pipe: Pipeline, directory: str | os.PathLike[str]) -> None:
     manifest, model, opt_tensors = await anyio.to_thread.run_sync(_read, Path(directory))
-    await pipe.load_state_dict(model)
     groups = manifest.get("optimizer_groups") or []
-    for d, ref in enumerate(pipe.devices):
-        mine = groups[d] if d < len(groups) else (groups[0] if groups else [])
-        await ref.load_optimizer_state(opt_tensors, mine)
+    for r in range(pipe.replicas):
+        for d, ref in enumerate(pipe.replica_devices(r)):
+            await ref.load_state_dict(model)
+            mine = groups[d] if d < len(groups) else (groups[0] if groups else [])
+            await ref.load_optimizer_state(opt_tensors, mine)
+    await pipe.scheduler.resnapshot()

@@ -175,6 +175,8 @@ class Device:
                 if job is not None:
                     try:
                         job()
+                    except zmq.ContextTerminated:
+                        raise
                     except Exception:
                         log.exception("job on device %s raised", self.name)
                     continue
@@ -187,6 +189,11 @@ class Device:
                         log.exception("housekeeping on device %s raised", self.name)
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
+        except zmq.ContextTerminated:
+            # The node ended its ZeroMQ context while this device still ran (a stop
+            # that gave up waiting): nothing is left to serve, and the sockets must
+            # close for the node's term() to return.
+            log.debug("device %s: context terminated", self.name)
         finally:
             for sock in [*self._outlets.values(), self._sock]:
                 if sock is not None:

@@ -4,6 +4,11 @@ It runs the action list the scheduler sends for a step on its device thread, whi
 takes activations and gradients straight from its neighbours' device threads and sends
 its own outputs straight on (``_device``): the scheduler never relays tensors, and the
 node's event loop stays free for heartbeats and control messages meanwhile.
+
+A training step is two phases. ``run`` does the forwards and backwards and leaves the
+gradients in place; ``commit`` applies the optimizer, once every device's ``run``
+succeeded. So a step that fails anywhere (a lost node, a non-finite value, a bug)
+changes no weights anywhere, and can be run again.
 """
 
 from __future__ import annotations
@@ -13,17 +18,27 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from .. import Actor, to_thread
+from .. import Actor, ActorRef, to_thread
 from . import _tree
+from ._autograd import (
+    SplitBackward,
+    backward_full,
+    backward_input,
+    backward_weight,
+    check_finite,
+)
 from ._device import Device, Key
+from ._snapshot import State, Versions
 from ._spec import LayerSpec, import_path
 
 __all__ = ["StageActor"]
+
+T = TypeVar("T")
 
 
 class StageActor(Actor):
@@ -35,8 +50,10 @@ class StageActor(Actor):
                  bounds: list[list[int]], layer_names: list[list[str]] | None = None,
                  modules: list[nn.Module] | None = None, spec: dict[str, Any] | None = None,
                  device: str = "cpu", optimizer: Sequence[Any] | None = None,
-                 loss_fn: Any = None, token: str = "", cache_idle_s: float = 300.0) -> None:
+                 loss_fn: Any = None, token: str = "", cache_idle_s: float = 300.0,
+                 check_finite: bool = False, replica: int = 0) -> None:
         self.device_index = device_index
+        self.replica = replica
         self.stages = list(stages)                 # virtual stages held, ascending
         self.n_stages = n_stages
         self.device = torch.device(device)
@@ -47,6 +64,7 @@ class StageActor(Actor):
         self._optimizer_spec = optimizer
         self._loss_spec = loss_fn
         self._token = token
+        self.check_finite = check_finite
         self.chunks: dict[int, nn.Module] = {}
         self.names: dict[int, list[str]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -58,6 +76,8 @@ class StageActor(Actor):
         self.cache_idle_s = cache_idle_s
         self._caches: dict[str, _Cache] = {}       # device thread only
         self._expired: dict[str, None] = {}        # recently expired ids, oldest first
+        self._snapshots = Versions(keep=2)
+        self.version = 0                           # training steps committed here
 
     @property
     def link(self) -> Device:
@@ -94,12 +114,17 @@ class StageActor(Actor):
         if self._optimizer_spec is not None:
             path, kwargs = self._optimizer_spec
             opt_cls = import_path(str(path), allow)
-            self.optimizer = opt_cls(self._parameters(), **dict(kwargs or {}))
+            params = self._parameters()
+            # A stage of parameter-free layers (an activation, a pooling) has nothing
+            # to optimize; torch's optimizers refuse an empty list.
+            if params:
+                self.optimizer = opt_cls(params, **dict(kwargs or {}))
         loss = self._loss_spec
         self.loss_fn = import_path(loss, allow) if isinstance(loss, str) else loss
 
-    def _parameters(self) -> list[nn.Parameter]:
-        return [p for s in self.stages for p in self.chunks[s].parameters()]
+    def _parameters(self, stage: int | None = None) -> list[nn.Parameter]:
+        stages = self.stages if stage is None else [stage]
+        return [p for s in stages for p in self.chunks[s].parameters()]
 
     def link_address(self) -> str:
         """Where other devices send this one's inputs (activations and gradients)."""
@@ -113,6 +138,27 @@ class StageActor(Actor):
         """The link address of the device holding each virtual stage (index = stage)."""
         self.links = list(links)
 
+    def alive(self) -> int:
+        """Answers while the stage's node does; the training steps committed here."""
+        return self.version
+
+    async def _on_device(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the device thread, after the jobs already queued there: between
+        steps, never in the middle of one device's forward or optimizer step."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the awaiting task, not lost
+                _settle(loop, done, None, exc)
+            else:
+                _settle(loop, done, result, None)
+
+        self.link.submit(job)
+        return await done
+
     # -- a step --------------------------------------------------------------------------
 
     async def run(self, step: int, actions: list[list[Any]],
@@ -121,9 +167,11 @@ class StageActor(Actor):
                   n_microbatches: int = 1, trace: bool = False,
                   cache: str | None = None) -> dict[str, Any]:
         """Execute this device's program for one step: ``actions`` are
-        ``[stage, "F" | "B", microbatch]`` in order.
+        ``[stage, kind, microbatch]`` in order, kind ``F`` (forward), ``B`` (full
+        backward), ``I`` (input gradient only) or ``W`` (weight gradient, after ``I``).
 
-        Returns ``{"losses": {mb: float}}`` from the device holding the last stage when
+        Training leaves the gradients in place for ``commit``. Returns
+        ``{"losses": {mb: float}}`` from the device holding the last stage when
         training, ``{"outputs": {mb: value}}`` when not, and ``{}`` elsewhere; with
         ``trace``, also ``{"spans": [[stage, kind, mb, start, end], ...]}``. With
         ``cache`` (inference), layers that have ``forward_cached`` keep their state
@@ -151,6 +199,30 @@ class StageActor(Actor):
             result["spans"] = program.spans
         return result
 
+    async def commit(self, snapshot: int | None = None,
+                     keep_from: int | None = None) -> dict[str, Any]:
+        """Apply the optimizer to the gradients the last ``run`` left (every device's
+        ``run`` succeeded). With ``snapshot``, then copy the new state to host memory as
+        that version; versions older than ``keep_from`` are dropped."""
+        def apply() -> dict[str, Any]:
+            t0 = time.time()
+            if self.optimizer is not None:
+                if self.check_finite:
+                    for s in self.stages:
+                        check_finite("weight gradient", s, None,
+                                     (p.grad for p in self._parameters(s)))
+                self.optimizer.step()
+            self.version += 1
+            t1 = time.time()
+            if keep_from is not None:
+                self._snapshots.drop_below(keep_from)
+            if snapshot is not None:
+                self._snapshots.put(snapshot, self._capture())
+            return {"opt": [self.stages[-1], "opt", -1, t0, t1],
+                    "snapshot": [self.stages[-1], "snapshot", -1, t1, time.time()]
+                    if snapshot is not None else None}
+        return await self._on_device(apply)
+
     def _drive(self, program: _Program) -> None:
         """Device thread: run ``program`` from where it stopped, until it needs an input
         that has not arrived (it runs again when that input does) or it is done."""
@@ -164,8 +236,8 @@ class StageActor(Actor):
             while program.pc < len(actions):
                 s, kind, mb = actions[program.pc]
                 value = None
-                if (kind == "F" and s > 0) or (kind == "B" and s < last):
-                    got = device.take((program.step, kind, s, mb),
+                if (kind == "F" and s > 0) or (kind in "BI" and s < last):
+                    got = device.take((program.step, "F" if kind == "F" else "B", s, mb),
                                       functools.partial(self._drive, program))
                     if got is None:
                         return
@@ -187,11 +259,6 @@ class StageActor(Actor):
                 program.pc += 1
                 if program.cancelled:
                     return
-            if program.train and self.optimizer is not None:
-                t0 = time.time()
-                self.optimizer.step()
-                if spans is not None:
-                    spans.append([self.stages[-1], "opt", -1, t0, time.time()])
             program.resolve(None)
         except Exception as exc:
             program.resolve(exc)
@@ -213,6 +280,9 @@ class StageActor(Actor):
             else:
                 y, x_leaves, loss = self._forward(s, value, program.train, target,
                                                   program.n_microbatches)
+            if self.check_finite:
+                check_finite("loss" if loss is not None else "activation", s, mb,
+                             [loss] if loss is not None else _tree.leaves(y))
             if s == last:
                 if program.train:
                     assert loss is not None
@@ -225,8 +295,20 @@ class StageActor(Actor):
                     program.saved[(s, mb)] = (x_leaves, y)
                 return s + 1, (program.step, "F", s + 1, mb), _detached(y)
             return None
+        if kind == "W":
+            split = program.split.pop((s, mb))
+            backward_weight(split, self._parameters(s))
+            return None
         x_leaves, y = program.saved.pop((s, mb))
-        input_grads = self._backward(x_leaves, y, value)
+        if value is None and s < last:
+            raise ValueError(f"stage {s} got no gradient for microbatch {mb}")
+        if kind == "B":
+            input_grads = backward_full(x_leaves, y, value)
+        else:
+            input_grads, program.split[(s, mb)] = backward_input(x_leaves, y, value,
+                                                                 self._parameters(s))
+        if self.check_finite:
+            check_finite("gradient", s, mb, input_grads)
         if s > 0:
             return s - 1, (program.step, "B", s - 1, mb), input_grads
         return None
@@ -298,24 +380,13 @@ class StageActor(Actor):
     def cached_requests(self) -> int:
         return len(self._caches)
 
-    @staticmethod
-    def _backward(x_leaves: list[torch.Tensor], y: Any,
-                  grads: list[torch.Tensor | None] | None) -> list[torch.Tensor | None]:
-        if grads is None:  # last stage: y is the (scaled) loss
-            y.backward()
-        else:
-            pairs = [(t, g) for t, g in zip(_tree.leaves(y), grads, strict=True)
-                     if g is not None and t.requires_grad]
-            if pairs:
-                outs, gs = zip(*pairs, strict=True)
-                gs = tuple(g.to(o.device) for o, g in zip(outs, gs, strict=True))
-                torch.autograd.backward(list(outs), list(gs))
-        return [t.grad for t in x_leaves]
-
     # -- state -----------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    async def state_dict(self) -> dict[str, torch.Tensor]:
         """This device's parameters and buffers under the unsharded model's keys."""
+        return await self._on_device(self._state_dict)
+
+    def _state_dict(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for s in self.stages:
             names = self.names[s]
@@ -324,7 +395,10 @@ class StageActor(Actor):
                 out[f"{names[int(index)]}.{rest}"] = value.detach().to("cpu").clone()
         return out
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    async def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        await self._on_device(functools.partial(self._load_state_dict, state))
+
+    def _load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for s in self.stages:
             names = self.names[s]
             local = {}
@@ -341,9 +415,12 @@ class StageActor(Actor):
                 names.append(f"{self.names[s][int(index)]}.{rest}")
         return names
 
-    def optimizer_state(self) -> dict[str, Any]:
+    async def optimizer_state(self) -> dict[str, Any]:
         """Optimizer state keyed by unsharded parameter name, so a checkpoint does not
         depend on how the model was split."""
+        return await self._on_device(self._optimizer_state)
+
+    def _optimizer_state(self) -> dict[str, Any]:
         if self.optimizer is None:
             return {"tensors": {}, "groups": []}
         sd = self.optimizer.state_dict()
@@ -356,8 +433,12 @@ class StageActor(Actor):
         groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
         return {"tensors": tensors, "groups": groups}
 
-    def load_optimizer_state(self, tensors: dict[str, torch.Tensor],
-                             groups: list[dict[str, Any]]) -> None:
+    async def load_optimizer_state(self, tensors: dict[str, torch.Tensor],
+                                   groups: list[dict[str, Any]]) -> None:
+        await self._on_device(functools.partial(self._load_optimizer_state, tensors, groups))
+
+    def _load_optimizer_state(self, tensors: dict[str, torch.Tensor],
+                              groups: list[dict[str, Any]]) -> None:
         if self.optimizer is None:
             return
         sd = self.optimizer.state_dict()
@@ -371,6 +452,87 @@ class StageActor(Actor):
         for group, saved in zip(sd["param_groups"], groups, strict=False):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+    # -- snapshots and recovery ---------------------------------------------------------------
+
+    def _capture(self) -> State:
+        """Device thread: everything a restored copy needs to continue bitwise."""
+        return {"model": self._state_dict(), "opt": self._optimizer_state(),
+                "version": self.version}
+
+    def _restore(self, state: State) -> None:
+        self._load_state_dict(state["model"])
+        opt = state["opt"]
+        if self.optimizer is not None:
+            # A fresh optimizer: state left from steps after the snapshot must not linger
+            # (a parameter without state in the snapshot has none after the restore).
+            self.optimizer.state.clear()
+        # Cloned: the optimizer adopts tensors of the right dtype and device as they are,
+        # and its in-place updates must not reach the snapshot, which may be needed again.
+        self._load_optimizer_state({k: v.clone() for k, v in opt["tensors"].items()},
+                                   opt["groups"])
+        self.version = int(state["version"])
+
+    async def take_snapshot(self, version: int) -> None:
+        """Copy the current state to host memory as snapshot ``version``."""
+        def take() -> None:
+            self._snapshots.put(version, self._capture())
+        await self._on_device(take)
+
+    def snapshot_state(self, version: int) -> State:
+        """Local snapshot ``version`` (for a sibling replica that needs it too)."""
+        return self._snapshots.get(version)
+
+    def keep_snapshot(self, version: int, state: State) -> None:
+        self._snapshots.put(version, state)
+
+    def snapshots(self) -> list[int]:
+        """Versions this stage keeps in its own memory."""
+        return self._snapshots.versions()
+
+    async def push_snapshot(self, holder: ActorRef, key: str, version: int) -> int:
+        """Send local snapshot ``version`` to ``holder`` (on another node)."""
+        state = self._snapshots.get(version)
+        result: int = await holder.put(key, version, state)
+        return result
+
+    async def restore(self, version: int) -> int:
+        """Roll back to local snapshot ``version``."""
+        state = self._snapshots.get(version)
+        await self._on_device(functools.partial(self._restore, state))
+        return self.version
+
+    async def fetch(self, holder: ActorRef, key: str, version: int) -> int:
+        """Restore snapshot ``version`` from ``holder`` (this stage's node is new), and
+        keep it as a local version too."""
+        state = await holder.get(key, version)
+        await self._on_device(functools.partial(self._restore, state))
+        self._snapshots.put(version, state)
+        return self.version
+
+    async def export_state(self) -> State:
+        """The current state, for a new copy of this stage (a replica's sibling)."""
+        return await self._on_device(self._capture)
+
+    async def import_state(self, state: State) -> int:
+        await self._on_device(functools.partial(self._restore, state))
+        return self.version
+
+
+def _settle(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], result: Any,
+            error: BaseException | None) -> None:
+    """From the device thread: resolve ``fut`` on its loop (ignored once the node is
+    gone, or when the waiter gave up)."""
+    def set_it() -> None:
+        if fut.done():
+            return
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+
+    with contextlib.suppress(RuntimeError):  # the node shut down under a running job
+        loop.call_soon_threadsafe(set_it)
 
 
 class _Cache:
@@ -397,6 +559,7 @@ class _Program:
         self.pc = 0
         self.cancelled = False
         self.saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = {}
+        self.split: dict[tuple[int, int], SplitBackward] = {}  # I done, W pending
         self.losses: dict[int, float] = {}
         self.outputs: dict[int, Any] = {}
         self.spans: list[list[Any]] | None = None  # [stage, kind, mb, start, end]
@@ -405,16 +568,7 @@ class _Program:
 
     def resolve(self, error: Exception | None) -> None:
         """From the device thread: the program finished (or failed with ``error``)."""
-        with contextlib.suppress(RuntimeError):  # the node shut down under a running step
-            self.done.get_loop().call_soon_threadsafe(self._set, error)
-
-    def _set(self, error: Exception | None) -> None:
-        if self.done.done():
-            return
-        if error is None:
-            self.done.set_result(None)
-        else:
-            self.done.set_exception(error)
+        _settle(self.done.get_loop(), self.done, None, error)
 
 
 def _detached(y: Any) -> Any:

@@ -1,0 +1,22 @@
+"""Errors of the model layer."""
+
+from __future__ import annotations
+
+from .._errors import ShardlineError
+
+__all__ = ["PipelineError", "PlanError"]
+
+
+class PipelineError(ShardlineError):
+    """A stage failed (raised, or its node was lost) during a step. ``stage`` is the
+    device index of the first stage that failed (in replica ``replica``); the original
+    error is ``__cause__``."""
+
+    def __init__(self, message: str, stage: int, replica: int = 0) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.replica = replica
+
+
+class PlanError(ShardlineError, ValueError):
+    """No plan satisfies what was asked (not enough spares, a bad placement)."""

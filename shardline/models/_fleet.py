@@ -1,0 +1,184 @@
+"""The stage actors a ``Plan`` calls for: spawning them, linking them, and re-placing
+the ones whose node was lost (``replace``), which is the plan's part that changed."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import torch
+from torch import nn
+
+from .. import ActorRef, Node, RemoteNode, ShardlineError, to_thread
+from ._plan import LOCAL, DevicePlan, Plan
+from ._spec import LayerSpec
+from ._stage import StageActor
+
+__all__ = ["Fleet", "StageOptions"]
+
+log = logging.getLogger("shardline.models")
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """What every stage actor is built with, besides its layers."""
+
+    optimizer: tuple[str, dict[str, Any]] | None
+    loss_fn: str | Callable[..., torch.Tensor] | None
+    token: str
+    cache_idle_s: float
+    check_finite: bool
+
+
+class Fleet:
+    """Owns the actors of one pipeline: ``refs[(replica, device)]`` and the snapshot
+    holders (one per node that holds any)."""
+
+    def __init__(self, node: Node, plan: Plan, model: LayerSpec | list[nn.Module],
+                 options: StageOptions, nodes: dict[str, RemoteNode]) -> None:
+        self.node = node
+        self.plan = plan
+        self.model = model
+        self.options = options
+        self.nodes = dict(nodes)  # address -> RemoteNode, spares included
+        self.refs: dict[tuple[int, int], ActorRef] = {}
+        self.holders: dict[str, ActorRef] = {}
+
+    def replica(self, r: int) -> list[ActorRef]:
+        return [self.refs[(r, d)] for d in range(self.plan.n_devices)]
+
+    def all_refs(self) -> list[ActorRef]:
+        return [self.refs[dev.key] for dev in self.plan.all_devices()]
+
+    @staticmethod
+    def snapshot_key(dev: DevicePlan) -> str:
+        return f"r{dev.replica}d{dev.index}"
+
+    # -- building -------------------------------------------------------------------------
+
+    async def start(self, snapshots: bool) -> None:
+        """Spawn every device (in parallel: a fresh worker spends seconds importing
+        torch), then link them; with ``snapshots``, the holders too."""
+        try:
+            await self._spawn_all(self.plan.all_devices())
+            await self.link()
+            if snapshots:
+                await self.ensure_holders()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.stop()
+            raise
+
+    async def _spawn_all(self, devices: Sequence[DevicePlan]) -> None:
+        errors: list[BaseException] = []
+
+        async def one(dev: DevicePlan) -> None:
+            try:
+                self.refs[dev.key] = await self._spawn(dev)
+            except Exception as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for dev in devices:
+                tg.start_soon(one, dev)
+        if errors:
+            raise errors[0]
+
+    async def _spawn(self, dev: DevicePlan) -> ActorRef:
+        plan, opts = self.plan, self.options
+        last_here = (plan.n_stages - 1) in dev.stages
+        kwargs: dict[str, Any] = {
+            "device_index": dev.index, "replica": dev.replica, "stages": list(dev.stages),
+            "n_stages": plan.n_stages,
+            "bounds": [list(plan.bounds[s]) for s in dev.stages],
+            "layer_names": [plan.names(s) for s in dev.stages],
+            "optimizer": list(opts.optimizer) if opts.optimizer is not None else None,
+            "loss_fn": opts.loss_fn if last_here else None,
+            "token": opts.token,
+            "cache_idle_s": opts.cache_idle_s,
+            "check_finite": opts.check_finite,
+            "device": dev.place.device,
+        }
+        if dev.place.node == LOCAL:
+            if isinstance(self.model, LayerSpec):
+                # built here: this process chose the spec, nothing to allow
+                spec = self.model
+                kwargs["modules"] = [await to_thread(spec.build, *plan.bounds[s])
+                                     for s in dev.stages]
+            else:
+                kwargs["modules"] = [nn.Sequential(*self.model[slice(*plan.bounds[s])])
+                                     for s in dev.stages]
+            return await self.node.spawn(StageActor, **kwargs)
+        if last_here and opts.loss_fn is not None and not isinstance(opts.loss_fn, str):
+            raise ValueError("a remote last stage needs loss_fn as an import path, e.g. "
+                             "'torch.nn.functional:cross_entropy'")
+        if not isinstance(self.model, LayerSpec):
+            raise ValueError("an nn.Module can only be placed on this process's devices; "
+                             "describe it with a LayerSpec to place stages on other nodes")
+        kwargs["spec"] = self.model.to_wire()
+        return await self.nodes[dev.place.node].spawn("shardline.models._stage:StageActor",
+                                                      **kwargs)
+
+    async def link(self) -> None:
+        """Tell every device where each stage of its replica takes its inputs."""
+        addresses = {key: await ref.link_address() for key, ref in self.refs.items()}
+        schedule = self.plan.schedule
+        for dev in self.plan.all_devices():
+            links = [addresses[(dev.replica, schedule.device_of(s))]
+                     for s in range(schedule.n_stages)]
+            await self.refs[dev.key].connect(links)
+
+    async def ensure_holders(self) -> None:
+        """A ``SnapshotHolder`` on every node the plan keeps snapshots on."""
+        for address in sorted({d.holder for d in self.plan.all_devices()
+                               if d.holder is not None} - set(self.holders)):
+            where = self.nodes[address]
+            self.holders[address] = await where.spawn("shardline.models._snapshot:"
+                                                      "SnapshotHolder")
+
+    # -- failures ---------------------------------------------------------------------------
+
+    async def lost_nodes(self, timeout: float) -> set[str]:
+        """Nodes of the plan whose actors do not answer within ``timeout`` seconds."""
+        lost: set[str] = set()
+        targets = [(dev.place.node, self.refs[dev.key], "alive")
+                   for dev in self.plan.all_devices() if dev.key in self.refs]
+        targets += [(address, ref, "nbytes") for address, ref in self.holders.items()]
+
+        async def probe(address: str, ref: ActorRef, method: str) -> None:
+            if address == LOCAL:
+                return
+            try:
+                await ref.ask(method, timeout=timeout)
+            except ShardlineError:  # lost, silent, or its actor gone: all the same here
+                lost.add(address)
+
+        async with anyio.create_task_group() as tg:
+            for address, ref, method in targets:
+                tg.start_soon(probe, address, ref, method)
+        return lost
+
+    async def replace(self, lost: set[str]) -> tuple[Plan, list[DevicePlan]]:
+        """Re-place the devices on ``lost`` nodes (``Plan.replace``), spawn them, relink
+        everything; returns the old plan and the devices that moved."""
+        old = self.plan
+        new = old.replace(lost)
+        moved = old.moved(new)
+        for address in lost:
+            self.holders.pop(address, None)
+        for dev in moved:
+            self.refs.pop(dev.key, None)
+        self.plan = new
+        await self._spawn_all(moved)
+        await self.link()
+        await self.ensure_holders()
+        return old, moved
+
+    async def stop(self) -> None:
+        for ref in [*self.refs.values(), *self.holders.values()]:
+            with contextlib.suppress(ShardlineError):  # already gone: nothing to stop
+                await ref.stop()

@@ -1,0 +1,495 @@
+"""The scheduler actor: runs training steps and inference calls over every replica of the
+pipeline, and brings a step through the loss of a node.
+
+A training step runs alone and in call order (``StepGate``): two overlapping steps
+would interleave their forwards and backwards on the same weights. It has two phases:
+every device runs its part of the schedule (``StageActor.run``), and only when all of
+them succeeded does every device apply its optimizer (``commit``). With snapshots on,
+each commit may also copy the stage's state to host memory; the copies are sent to
+their holders on other nodes while the next step computes, and a version counts once
+every holder has it (``stable``).
+
+When a step fails because nodes were lost, the pipeline moves their devices to spares
+(``Fleet.replace``), restores state, and runs the step again: from a surviving replica
+of the same stage when there is one (nothing else rolls back), otherwise every device
+rolls back to the stable snapshot and the steps since it are replayed from the batches
+kept for that purpose. Kernels being deterministic, the result is bitwise the run that
+never failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anyio
+
+from .. import Actor, ActorRef
+from . import _tree
+from ._errors import PipelineError, PlanError
+from ._fleet import Fleet
+from ._plan import DevicePlan, Plan
+from .schedules import Action
+
+__all__ = ["Scheduler", "StepGate"]
+
+log = logging.getLogger("shardline.models")
+
+Key = tuple[int, int]
+
+
+class StepGate:
+    """Training steps hold the pipeline alone, in the order they asked; inference calls
+    share it between steps. First come, first served: a waiting step holds back the
+    inference calls that arrive after it, so a stream of them cannot starve it."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writer = False
+        self._queue: deque[tuple[bool, asyncio.Future[None]]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, exclusive: bool) -> AsyncIterator[None]:
+        await self._acquire(exclusive)
+        try:
+            yield
+        finally:
+            self._release(exclusive)
+
+    def _free(self, exclusive: bool) -> bool:
+        return not self._writer and (not exclusive or self._readers == 0)
+
+    def _take(self, exclusive: bool) -> None:
+        if exclusive:
+            self._writer = True
+        else:
+            self._readers += 1
+
+    async def _acquire(self, exclusive: bool) -> None:
+        if not self._queue and self._free(exclusive):
+            self._take(exclusive)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((exclusive, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release(exclusive)  # granted just as the caller gave up
+            else:
+                fut.cancel()
+                self._wake()
+            raise
+
+    def _release(self, exclusive: bool) -> None:
+        if exclusive:
+            self._writer = False
+        else:
+            self._readers -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._queue:
+            exclusive, fut = self._queue[0]
+            if fut.done():
+                self._queue.popleft()
+                continue
+            if not self._free(exclusive):
+                return
+            self._queue.popleft()
+            self._take(exclusive)
+            fut.set_result(None)
+
+
+class Scheduler(Actor):
+    """Runs steps: hands every device its part of the schedule, waits for all of them,
+    and turns the first failure into a ``PipelineError`` (cancelling the rest)."""
+
+    max_concurrency = 64  # concurrent inference calls overlap in the pipeline
+
+    def __init__(self, fleet: Fleet, trace: bool = False, snapshot_every: int = 0,
+                 probe_timeout: float = 2.0, max_recoveries: int = 8) -> None:
+        self.fleet = fleet
+        self.tracing = trace
+        self.snapshot_every = snapshot_every
+        self.probe_timeout = probe_timeout
+        self.max_recoveries = max_recoveries
+        self._steps = itertools.count()
+        # Recorded steps, oldest dropped first: a long run with tracing on stays bounded.
+        self._records: deque[dict[str, Any]] = deque(maxlen=10_000)
+        self._gate = StepGate()
+        self.committed = 0                      # training steps done
+        self._stable: int | None = None         # newest snapshot every holder has
+        self._taken: int | None = None          # newest snapshot taken, maybe not sent
+        self._history: list[tuple[int, Any, Any]] = []  # (version it makes, x, y)
+        self._last_loss = math.nan
+        self.recoveries: list[dict[str, Any]] = []
+        self.nonfinite_losses = 0
+        self._next_replica = 0
+        self._programs = [_program(acts) for acts in self.plan.schedule.actions]
+
+    @property
+    def plan(self) -> Plan:
+        return self.fleet.plan
+
+    async def on_start(self) -> None:
+        if self.snapshot_every:
+            # Version 0, the starting state, is held before the first step, so even a
+            # node lost during it costs nothing.
+            await self._each(lambda dev, ref: ref.take_snapshot(0))
+            self._taken = 0
+            await self._push(0)
+
+    def set_tracing(self, on: bool) -> None:
+        self.tracing = on
+
+    def take_trace(self) -> list[dict[str, Any]]:
+        """The steps recorded since the last call (and forget them)."""
+        records = list(self._records)
+        self._records.clear()
+        return records
+
+    def stats(self) -> dict[str, Any]:
+        return {"steps": self.committed, "stable_snapshot": self._stable,
+                "recoveries": list(self.recoveries),
+                "nonfinite_losses": self.nonfinite_losses}
+
+    async def resnapshot(self) -> None:
+        """The state was replaced (a checkpoint loaded): it becomes the stable snapshot,
+        since rolling back past it would undo the load."""
+        async with self._gate.hold(exclusive=True):
+            if not self.snapshot_every:
+                return
+            version = self.committed
+            await self._each(lambda dev, ref: ref.take_snapshot(version))
+            self._taken = version
+            self._history.clear()
+            await self._push(version)
+
+    # -- training ------------------------------------------------------------------------
+
+    async def train_step(self, x: Any, y: Any) -> float:
+        async with self._gate.hold(exclusive=True):
+            if self.snapshot_every:
+                # kept until a snapshot after this step is stable: a rollback replays it
+                self._history.append((self.committed + 1, x, y))
+            redo = [(x, y)]
+            attempts = 0
+            while redo:
+                try:
+                    await self._step(*redo[0])
+                except PipelineError as exc:
+                    attempts += 1
+                    redo = await self._recover(exc, attempts, redo)
+                    continue
+                redo.pop(0)
+            return self._last_loss
+
+    async def _step(self, x: Any, y: Any) -> None:
+        """One attempt at one step: the run phase on every device of every replica, then
+        the commit phase. Raises ``PipelineError`` (weights untouched unless the commit
+        phase itself failed)."""
+        plan = self.plan
+        schedule = plan.schedule
+        m, replicas = schedule.n_microbatches, plan.replicas
+        xs = _tree.split(x, replicas) if replicas > 1 else [x]
+        ys = _tree.split(y, replicas) if replicas > 1 else [y]
+        step = next(self._steps)
+        started = time.time()
+        first = schedule.device_of(0)
+        last = schedule.device_of(schedule.n_stages - 1)
+        trace = self.tracing
+        results: dict[Key, dict[str, Any]] = {}
+        failure: list[tuple[Key, BaseException]] = []
+
+        async def one(dev: DevicePlan, ref: ActorRef, inputs: Any, targets: Any) -> None:
+            try:
+                results[dev.key] = await ref.run(step, self._programs[dev.index], inputs,
+                                                 targets, True, m, trace)
+            except Exception as exc:
+                if not failure:
+                    failure.append((dev.key, exc))
+                tg.cancel_scope.cancel()
+
+        async def push(version: int) -> None:
+            try:
+                await self._push(version)
+            except PipelineError as exc:
+                if not failure:
+                    failure.append(((exc.replica, exc.stage), exc))
+                tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for r in range(replicas):
+                inputs = dict(enumerate(_tree.split(xs[r], m)))
+                targets = dict(enumerate(_tree.split(ys[r], m)))
+                for dev in plan.devices[r]:
+                    tg.start_soon(one, dev, self.fleet.refs[dev.key],
+                                  inputs if dev.index == first else None,
+                                  targets if dev.index == last else None)
+            if self._taken is not None and self._taken != self._stable:
+                tg.start_soon(push, self._taken)
+        if failure:
+            raise self._error(failure[0], "")
+        losses = [v for r in range(replicas) for v in results[(r, last)]["losses"].values()]
+        self.nonfinite_losses += sum(1 for v in losses if not math.isfinite(v))
+        self._last_loss = sum(losses) / len(losses)
+
+        version = self.committed + 1
+        snapshot = version if self.snapshot_every and version % self.snapshot_every == 0 \
+            else None
+        commits = await self._each(
+            lambda dev, ref: ref.commit(snapshot, self._stable), " in the optimizer step")
+        self.committed = version
+        if snapshot is not None:
+            self._taken = snapshot
+        if trace:
+            devices: list[list[Any]] = []
+            for dev in plan.all_devices():
+                spans = results[dev.key].pop("spans", [])
+                spans += [span for span in commits[dev.key].values() if span is not None]
+                devices.append(spans)
+            self._records.append({"step": step, "what": "train", "start": started,
+                                  "end": time.time(), "devices": devices})
+
+    async def _each(self, call: Any, doing: str = "") -> dict[Key, Any]:
+        """``call(dev, ref)`` on every device at once; the first failure, as a
+        ``PipelineError``, after all have settled."""
+        results: dict[Key, Any] = {}
+        failure: list[tuple[Key, BaseException]] = []
+
+        async def one(dev: DevicePlan) -> None:
+            try:
+                results[dev.key] = await call(dev, self.fleet.refs[dev.key])
+            except Exception as exc:
+                failure.append((dev.key, exc))
+
+        async with anyio.create_task_group() as tg:
+            for dev in self.plan.all_devices():
+                tg.start_soon(one, dev)
+        if failure:
+            raise self._error(failure[0], doing)
+        return results
+
+    def _error(self, failure: tuple[Key, BaseException], doing: str) -> PipelineError:
+        (r, d), exc = failure
+        if isinstance(exc, PipelineError):
+            return exc
+        where = f"stage {d}" + (f" of replica {r}" if self.plan.replicas > 1 else "")
+        error = PipelineError(f"{where} failed{doing}: {type(exc).__name__}: {exc}", d, r)
+        error.__cause__ = exc
+        return error
+
+    async def _push(self, version: int) -> None:
+        """Send snapshot ``version`` from every device to its holder; then it is the
+        stable one, and the batches before it are not needed any more."""
+        fleet = self.fleet
+        failure: list[tuple[Key, BaseException]] = []
+
+        async def one(dev: DevicePlan) -> None:
+            if dev.holder is None:
+                return  # one node only: the local copy is all there is
+            try:
+                await fleet.refs[dev.key].push_snapshot(fleet.holders[dev.holder],
+                                                        fleet.snapshot_key(dev), version)
+            except Exception as exc:
+                failure.append((dev.key, exc))
+
+        async with anyio.create_task_group() as tg:
+            for dev in self.plan.all_devices():
+                tg.start_soon(one, dev)
+        if failure:
+            raise self._error(failure[0], f" sending snapshot {version} to its holder")
+        self._stable = version
+        self._history = [h for h in self._history if h[0] > version]
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    async def _recover(self, exc: PipelineError, attempts: int,
+                       redo: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        """Bring the pipeline back after ``exc``, or raise it. Returns the batches to
+        run (again)."""
+        fleet = self.fleet
+        if not fleet.plan.spares or attempts > self.max_recoveries:
+            raise exc
+        lost = await fleet.lost_nodes(self.probe_timeout)
+        if not lost:
+            raise exc  # a stage raised: running it again would raise again
+        started = time.time()
+        old = fleet.plan
+        gone = old.on_nodes(lost)
+        sources = self._sources(old, lost, exc)
+        old_holders = dict(fleet.holders)
+        try:
+            _, moved = await fleet.replace(lost)
+        except PlanError as plan_error:
+            raise PipelineError(f"{exc}; cannot recover: {plan_error}", exc.stage,
+                                exc.replica) from exc
+        rollback = any(source is None for source in sources.values())
+        for dev in moved:
+            ref = fleet.refs[dev.key]
+            sibling = sources[dev.key]
+            if sibling is not None and not rollback:
+                await ref.import_state(await fleet.refs[sibling].export_state())
+            else:
+                holder = old.device(dev.key).holder
+                assert holder is not None and self._stable is not None
+                await ref.fetch(old_holders[holder], fleet.snapshot_key(dev), self._stable)
+        if rollback:
+            stable = self._stable
+            assert stable is not None
+            moved_keys = {dev.key for dev in moved}
+            await self._each(lambda dev, ref: ref.restore(stable)
+                             if dev.key not in moved_keys else _done())
+            for dev in fleet.plan.all_devices():
+                if dev.holder is not None and (dev.key in moved_keys or
+                                               dev.holder != old.device(dev.key).holder):
+                    await fleet.refs[dev.key].push_snapshot(
+                        fleet.holders[dev.holder], fleet.snapshot_key(dev), stable)
+            self.committed = stable
+            self._taken = None
+            redo = [(x, y) for version, x, y in self._history if version > stable]
+        else:
+            if self.snapshot_every and self._stable is not None:
+                await self._rehome(old, moved, sources)
+            versions = await self._each(lambda dev, ref: ref.alive())
+            if all(v == self.committed + 1 for v in versions.values()):
+                # the commit phase failed after every survivor committed: step done
+                self.committed += 1
+                redo = redo[1:]
+        record = {
+            "what": "node_lost", "lost": sorted(lost),
+            "stages": sorted({s for dev in gone for s in dev.stages}),
+            "moved_to": sorted({dev.place.node for dev in moved}),
+            "from": "snapshot" if rollback else "replica",
+            "step": self.committed + 1, "start": started, "seconds": time.time() - started,
+            "error": str(exc)}
+        self.recoveries.append(record)
+        self._records.append({"step": -1, "what": "recover", "start": started,
+                              "end": time.time(), "devices": []})
+        log.warning("pipeline recovered from the loss of %s in %.2f s: stages %s moved to "
+                    "%s, state from %s", ", ".join(sorted(lost)), record["seconds"],
+                    record["stages"], ", ".join(sorted({d.place.node for d in moved})),
+                    record["from"])
+        return redo
+
+    def _sources(self, plan: Plan, lost: set[str],
+                 exc: PipelineError) -> dict[Key, Key | None]:
+        """For each device on a lost node: a surviving sibling (same device of another
+        replica) to copy, or ``None`` to restore from the snapshot. Raises when neither
+        is possible."""
+        sources: dict[Key, Key | None] = {}
+        for dev in plan.on_nodes(lost):
+            siblings = [other.key for replica in plan.devices for other in replica
+                        if other.index == dev.index and other.place.node not in lost]
+            if siblings:
+                sources[dev.key] = siblings[0]
+                continue
+            if not self.snapshot_every or self._stable is None:
+                raise PipelineError(f"{exc}; cannot recover stage {dev.index}: no replica "
+                                    "of it survived and snapshots are off "
+                                    "(Pipeline.start(..., snapshot_every=N))",
+                                    exc.stage, exc.replica) from exc
+            if dev.holder is None or dev.holder in lost:
+                raise PipelineError(
+                    f"{exc}; cannot recover stage {dev.index}: its node "
+                    f"{dev.place.node} and the node holding its snapshot "
+                    f"{dev.holder or '(none)'} were both lost", exc.stage,
+                    exc.replica) from exc
+            sources[dev.key] = None
+        return sources
+
+    async def _rehome(self, old: Plan, moved: Sequence[DevicePlan],
+                      sources: dict[Key, Key | None]) -> None:
+        """After a recovery without rollback: the stable snapshot of every device whose
+        holder changed goes to its new holder (from the device's own copy)."""
+        stable = self._stable
+        assert stable is not None
+        fleet = self.fleet
+        moved_keys = {dev.key for dev in moved}
+        for dev in fleet.plan.all_devices():
+            if dev.holder is None or (dev.key not in moved_keys and
+                                      dev.holder == old.device(dev.key).holder):
+                continue
+            if dev.key in moved_keys:
+                # Its state came from a sibling; so does its snapshot (replicas are
+                # bitwise equal), kept here too for a later rollback.
+                sibling = self.fleet.refs[sources[dev.key]]  # type: ignore[index]
+                await fleet.refs[dev.key].keep_snapshot(
+                    stable, await sibling.snapshot_state(stable))
+            await fleet.refs[dev.key].push_snapshot(fleet.holders[dev.holder],
+                                                    fleet.snapshot_key(dev), stable)
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def infer(self, x: Any, cache: str | None = None) -> Any:
+        async with self._gate.hold(exclusive=False):
+            return await self._infer(x, cache)
+
+    def _replica_for(self, cache: str | None) -> int:
+        replicas = self.plan.replicas
+        if cache is not None:
+            # every call of one request goes where its cached state is
+            return sum(cache.encode()) % replicas
+        self._next_replica = (self._next_replica + 1) % replicas
+        return self._next_replica
+
+    async def _infer(self, x: Any, cache: str | None) -> Any:
+        schedule = self.plan.schedule
+        first = _tree.leaves(x)
+        m = max(1, min(schedule.n_microbatches, first[0].shape[0] if first else 1))
+        if cache is not None:
+            m = 1  # a cached request's state belongs to its whole batch
+        xs = _tree.split(x, m)
+        programs = [_program([a for a in acts if a.kind == "F" and a.mb < m])
+                    for acts in schedule.actions]
+        r = self._replica_for(cache)
+        refs = self.fleet.replica(r)
+        step = next(self._steps)
+        started = time.time()
+        first_device = schedule.device_of(0)
+        last_device = schedule.device_of(schedule.n_stages - 1)
+        results: list[dict[str, Any]] = [{} for _ in refs]
+        failure: list[tuple[Key, BaseException]] = []
+
+        async def one(d: int, ref: ActorRef) -> None:
+            try:
+                results[d] = await ref.run(
+                    step, programs[d], dict(enumerate(xs)) if d == first_device else None,
+                    None, False, m, self.tracing, cache)
+            except Exception as exc:
+                if not failure:
+                    failure.append(((r, d), exc))
+                tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for d, ref in enumerate(refs):
+                tg.start_soon(one, d, ref)
+        if failure:
+            raise self._error(failure[0], "")
+        if self.tracing:
+            self._records.append({"step": step, "what": "infer", "start": started,
+                                  "end": time.time(),
+                                  "devices": [r.pop("spans", []) for r in results]})
+        outputs = results[last_device]["outputs"]
+        return _tree.cat([outputs[i] for i in range(m)])
+
+    async def release(self, cache: str) -> None:
+        for ref in self.fleet.replica(self._replica_for(cache)):
+            await ref.tell("release", cache)
+
+
+async def _done() -> None:
+    return None
+
+
+def _program(actions: Sequence[Action]) -> list[list[Any]]:
+    """Actions as the stage actor reads them: ``[stage, kind, microbatch]``."""
+    return [[a.stage, a.kind, a.mb] for a in actions]

@@ -1,0 +1,91 @@
+"""In-memory snapshots of stage state, held on another node (Gemini, SOSP'23).
+
+A snapshot is the stage's parameters, buffers and optimizer state as CPU tensors under
+the unsharded model's names, tagged with the number of training steps it follows. Each
+stage keeps its recent versions itself, for a rollback that needs no network, and pushes
+each one to a ``SnapshotHolder`` on another node, so the state outlives the stage's
+node. Both keep two versions: a version counts as taken only once every stage's copy of
+it reached its holder, and until then the previous one must stay restorable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import Actor
+
+__all__ = ["SnapshotHolder", "Versions"]
+
+State = dict[str, Any]
+
+
+class Versions:
+    """The latest ``keep`` versions of one stage's state, oldest dropped first."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._by_version: dict[int, State] = {}
+
+    def put(self, version: int, state: State) -> None:
+        self._by_version[version] = state
+        for old in sorted(self._by_version)[:-self.keep]:
+            del self._by_version[old]
+
+    def get(self, version: int) -> State:
+        try:
+            return self._by_version[version]
+        except KeyError:
+            raise LookupError(f"no snapshot of version {version} (have "
+                              f"{sorted(self._by_version) or 'none'})") from None
+
+    def versions(self) -> list[int]:
+        return sorted(self._by_version)
+
+    def drop_below(self, version: int) -> None:
+        for old in [v for v in self._by_version if v < version]:
+            del self._by_version[old]
+
+    def nbytes(self) -> int:
+        return sum(_nbytes(state) for state in self._by_version.values())
+
+
+class SnapshotHolder(Actor):
+    """Keeps other stages' snapshots in this node's memory (one per pipeline and node)."""
+
+    max_concurrency = 64  # puts from several stages arrive together
+
+    def __init__(self, keep: int = 2) -> None:
+        self._keep = keep
+        self._stages: dict[str, Versions] = {}
+
+    def put(self, key: str, version: int, state: State) -> int:
+        """Store ``state`` as ``version`` of stage ``key``; returns the version."""
+        self._stages.setdefault(key, Versions(self._keep)).put(version, state)
+        return version
+
+    def get(self, key: str, version: int) -> State:
+        versions = self._stages.get(key)
+        if versions is None:
+            raise LookupError(f"this node holds no snapshot of {key}")
+        return versions.get(version)
+
+    def versions(self, key: str) -> list[int]:
+        versions = self._stages.get(key)
+        return [] if versions is None else versions.versions()
+
+    def forget(self, key: str) -> None:
+        self._stages.pop(key, None)
+
+    def nbytes(self) -> int:
+        return sum(v.nbytes() for v in self._stages.values())
+
+
+def _nbytes(value: Any) -> int:
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
