@@ -61,7 +61,7 @@ def test_a_lost_node_moves_to_a_spare_and_holders_follow() -> None:
 
 def test_not_enough_spares_is_a_plan_error_naming_the_node() -> None:
     plan = plan_of([[Place(A), Place(B)]], (Place(S1),))
-    with pytest.raises(PlanError, match=r"10\.0\.0\.1.*stages \[0\]"):
+    with pytest.raises(PlanError, match=r"10\.0\.0\.2.*stages \[1\]"):
         plan.replace({A, B})
 
 
