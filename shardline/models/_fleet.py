@@ -4,6 +4,7 @@ the ones whose node was lost (``replace``), which is the plan's part that change
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from .. import ActorRef, Node, RemoteNode, ShardlineError, to_thread
+from ..transport import parse_tcp
+from ._allreduce import master_store
 from ._plan import LOCAL, DevicePlan, Plan
 from ._spec import LayerSpec
 from ._stage import StageActor
@@ -47,6 +50,8 @@ class Fleet:
         self.nodes = dict(nodes)  # address -> RemoteNode, spares included
         self.refs: dict[tuple[int, int], ActorRef] = {}
         self.holders: dict[str, ActorRef] = {}
+        self._store: Any = None  # rendezvous of the replicas' gradient groups
+        self._generation = 0
 
     def replica(self, r: int) -> list[ActorRef]:
         return [self.refs[(r, d)] for d in range(self.plan.n_devices)]
@@ -66,6 +71,7 @@ class Fleet:
         try:
             await self._spawn_all(self.plan.all_devices())
             await self.link()
+            await self.form_groups()
             if snapshots:
                 await self.ensure_holders()
         except BaseException:
@@ -110,8 +116,10 @@ class Fleet:
                 kwargs["modules"] = [await to_thread(spec.build, *plan.bounds[s])
                                      for s in dev.stages]
             else:
-                kwargs["modules"] = [nn.Sequential(*self.model[slice(*plan.bounds[s])])
-                                     for s in dev.stages]
+                modules = [nn.Sequential(*self.model[slice(*plan.bounds[s])])
+                           for s in dev.stages]
+                # replica 0 trains the caller's own layers; the others, copies
+                kwargs["modules"] = modules if dev.replica == 0 else copy.deepcopy(modules)
             return await self.node.spawn(StageActor, **kwargs)
         if last_here and opts.loss_fn is not None and not isinstance(opts.loss_fn, str):
             raise ValueError("a remote last stage needs loss_fn as an import path, e.g. "
@@ -131,6 +139,29 @@ class Fleet:
             links = [addresses[(dev.replica, schedule.device_of(s))]
                      for s in range(schedule.n_stages)]
             await self.refs[dev.key].connect(links)
+
+    async def form_groups(self, timeout: float = 60.0) -> None:
+        """With replicas: each device joins a process group with its copies in the other
+        replicas (afresh after a recovery: a group cannot change its members)."""
+        replicas = self.plan.replicas
+        if replicas == 1:
+            return
+        host = "127.0.0.1"
+        if self.node.address.startswith("tcp://"):
+            host, _ = parse_tcp(self.node.address)
+        if self._store is None:
+            self._store = await to_thread(master_store, host, timeout)
+        self._generation += 1
+        port = int(self._store.port)
+        prefix = f"{self.options.token}/g{self._generation}"
+
+        async def join(dev: DevicePlan) -> None:
+            await self.refs[dev.key].join_replicas(host, port, f"{prefix}/d{dev.index}",
+                                                   dev.replica, replicas, timeout)
+
+        async with anyio.create_task_group() as tg:
+            for dev in self.plan.all_devices():
+                tg.start_soon(join, dev)
 
     async def ensure_holders(self) -> None:
         """A ``SnapshotHolder`` on every node the plan keeps snapshots on."""
@@ -175,6 +206,7 @@ class Fleet:
         self.plan = new
         await self._spawn_all(moved)
         await self.link()
+        await self.form_groups()
         await self.ensure_holders()
         return old, moved
 

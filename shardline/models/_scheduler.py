@@ -254,7 +254,7 @@ class Scheduler(Actor):
             devices: list[list[Any]] = []
             for dev in plan.all_devices():
                 spans = results[dev.key].pop("spans", [])
-                spans += [span for span in commits[dev.key].values() if span is not None]
+                spans += commits[dev.key]
                 devices.append(spans)
             self._records.append({"step": step, "what": "train", "start": started,
                                   "end": time.time(), "devices": devices})

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from .. import Actor, ActorRef, to_thread
+from ..transport import parse_tcp
 from . import _tree
+from ._allreduce import GradSync, join_group
 from ._autograd import (
     SplitBackward,
     backward_full,
@@ -78,6 +80,7 @@ class StageActor(Actor):
         self._expired: dict[str, None] = {}        # recently expired ids, oldest first
         self._snapshots = Versions(keep=2)
         self.version = 0                           # training steps committed here
+        self._sync: GradSync | None = None         # gradient averaging over replicas
 
     @property
     def link(self) -> Device:
@@ -94,6 +97,8 @@ class StageActor(Actor):
         await to_thread(self._build)
 
     async def on_stop(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
         if self._device is not None:
             await to_thread(self._device.close)
 
@@ -137,6 +142,25 @@ class StageActor(Actor):
     def connect(self, links: list[str]) -> None:
         """The link address of the device holding each virtual stage (index = stage)."""
         self.links = list(links)
+
+    async def join_replicas(self, host: str, port: int, prefix: str, rank: int, size: int,
+                            timeout: float = 60.0) -> None:
+        """Join the process group of this device's copies in every replica (rendezvous
+        at the driver's store ``host:port``; every member must call it at once). Its
+        gradients are averaged over the group before each optimizer step."""
+        bind = "127.0.0.1"
+        if self.node.address.startswith("tcp://"):
+            bind, _ = parse_tcp(self.node.address)
+        group = await to_thread(join_group, host, port, prefix, rank, size,
+                                str(self.device), bind, timeout)
+
+        def install() -> None:
+            if self._sync is not None:
+                self._sync.close()
+            self._sync = GradSync({s: self._parameters(s) for s in self.stages}, group,
+                                  size, timeout)
+
+        await self._on_device(install)
 
     def alive(self) -> int:
         """Answers while the stage's node does; the training steps committed here."""
@@ -200,11 +224,13 @@ class StageActor(Actor):
         return result
 
     async def commit(self, snapshot: int | None = None,
-                     keep_from: int | None = None) -> dict[str, Any]:
+                     keep_from: int | None = None) -> list[list[Any]]:
         """Apply the optimizer to the gradients the last ``run`` left (every device's
-        ``run`` succeeded). With ``snapshot``, then copy the new state to host memory as
-        that version; versions older than ``keep_from`` are dropped."""
-        def apply() -> dict[str, Any]:
+        ``run`` succeeded), once they are averaged over the replicas. With ``snapshot``,
+        then copy the new state to host memory as that version; versions older than
+        ``keep_from`` are dropped. Returns trace spans."""
+        def apply() -> list[list[Any]]:
+            spans = self._sync.wait() if self._sync is not None else []
             t0 = time.time()
             if self.optimizer is not None:
                 if self.check_finite:
@@ -216,11 +242,11 @@ class StageActor(Actor):
             t1 = time.time()
             if keep_from is not None:
                 self._snapshots.drop_below(keep_from)
+            spans.append([self.stages[-1], "opt", -1, t0, t1])
             if snapshot is not None:
                 self._snapshots.put(snapshot, self._capture())
-            return {"opt": [self.stages[-1], "opt", -1, t0, t1],
-                    "snapshot": [self.stages[-1], "snapshot", -1, t1, time.time()]
-                    if snapshot is not None else None}
+                spans.append([self.stages[-1], "snapshot", -1, t1, time.time()])
+            return spans
         return await self._on_device(apply)
 
     def _drive(self, program: _Program) -> None:
@@ -229,12 +255,17 @@ class StageActor(Actor):
         try:
             if program.cancelled:
                 return
-            if program.pc == 0 and program.train and self.optimizer is not None:
-                self.optimizer.zero_grad(set_to_none=True)
+            sync = self._sync if program.train else None
+            if program.pc == 0 and program.train:
+                if self.optimizer is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                if sync is not None:
+                    sync.reset()
             device, actions, last = self.link, program.actions, self.n_stages - 1
             spans = program.spans
             while program.pc < len(actions):
                 s, kind, mb = actions[program.pc]
+                final = sync is not None and program.final.get(s) == program.pc
                 value = None
                 if (kind == "F" and s > 0) or (kind in "BI" and s < last):
                     got = device.take((program.step, "F" if kind == "F" else "B", s, mb),
@@ -245,7 +276,13 @@ class StageActor(Actor):
                     if spans is not None:
                         spans.append([s, "recv", mb, arrived, arrived])
                 t0 = time.time()
+                if final:
+                    assert sync is not None
+                    sync.arm(s)  # this backward makes the stage's gradients final
                 out = self._op(program, s, kind, mb, value)
+                if final:
+                    assert sync is not None
+                    sync.flush(s)
                 t1 = time.time()
                 self.busy_seconds += t1 - t0
                 self.operations += 1
@@ -565,6 +602,9 @@ class _Program:
         self.spans: list[list[Any]] | None = None  # [stage, kind, mb, start, end]
         self.cache: str | None = None
         self.done = done
+        # per stage, the index of the action whose backward leaves its weight
+        # gradients final (the last B or W): their all-reduce may start there
+        self.final = {a[0]: i for i, a in enumerate(actions) if a[1] in ("B", "W")}
 
     def resolve(self, error: Exception | None) -> None:
         """From the device thread: the program finished (or failed with ``error``)."""

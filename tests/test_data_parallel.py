@@ -1,0 +1,140 @@
+"""Data parallel x pipeline parallel (issue 13): R copies of the pipeline, the batch split
+across them, every stage's gradients averaged over its copies before the optimizer step.
+Weights equal the unsharded model trained on the whole batch, and the replicas stay
+bitwise identical."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import shardline as sl
+from shardline.models import LayerSpec, Pipeline
+from tests import models_fixtures
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
+
+CE = "torch.nn.functional:cross_entropy"
+OPTIMIZERS = [("torch.optim.SGD", {"lr": 0.1}), ("torch.optim.AdamW", {"lr": 0.01})]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def spec(n: int = 8) -> LayerSpec:
+    return LayerSpec("tests.models_fixtures:layers", {"n": n}, n)
+
+
+def reference(opt_spec: tuple[str, dict[str, Any]], data: list[Any], parts: int
+              ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The unsharded model on the whole batch: the loss is the mean over ``parts``
+    equal microbatches (replicas x microbatches)."""
+    model = models_fixtures.layers({"n": 8}, 0, 8)
+    path, kwargs = opt_spec
+    opt = getattr(torch.optim, path.rsplit(".", 1)[1])(model.parameters(), **kwargs)
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        idx = torch.tensor_split(torch.arange(x.shape[0]), parts)
+        loss = sum(nn.functional.cross_entropy(model(x[i]), y[i]) for i in idx) / parts
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses, model.state_dict()
+
+
+def batches(n: int, rows: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(rows, 8, generator=gen), torch.randint(0, 4, (rows,), generator=gen))
+            for _ in range(n)]
+
+
+async def check(pipe: Pipeline, opt_spec: tuple[str, dict[str, Any]], m: int) -> None:
+    data = batches(3)
+    expected_losses, expected = reference(opt_spec, data, pipe.replicas * m)
+    for (x, y), expected_loss in zip(data, expected_losses, strict=True):
+        assert await pipe.train_step(x, y) == pytest.approx(expected_loss, abs=1e-5)
+        first = await pipe.state_dict(replica=0)
+        for r in range(1, pipe.replicas):
+            other = await pipe.state_dict(replica=r)
+            for key, value in first.items():
+                assert torch.equal(other[key], value), (r, key)
+    for key, value in expected.items():
+        assert (first[key] - value).abs().max() <= 1e-5, key
+
+
+@pytest.mark.parametrize("opt_spec", OPTIMIZERS, ids=["sgd", "adamw"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b"])
+async def test_two_replicas_in_process_match_the_unsharded_model(
+        schedule: str, opt_spec: tuple[str, dict[str, Any]]) -> None:
+    model = models_fixtures.layers({"n": 8}, 0, 8)
+    async with sl.Node() as node:
+        pipe = await Pipeline.start(node, model, stages=2, replicas=2,
+                                    placement=[["cpu", "cpu"], ["cpu", "cpu"]],
+                                    schedule=schedule, microbatches=4,
+                                    loss_fn=nn.functional.cross_entropy, optimizer=opt_spec)
+        try:
+            await check(pipe, opt_spec, 4)
+        finally:
+            await pipe.stop()
+
+
+async def test_replicas_across_processes_and_a_checkpoint_that_loads_into_any_r(
+        tmp_path: Any) -> None:
+    opt_spec = OPTIMIZERS[1]
+    async with sl.LocalCluster(4, allow=["tests"]) as cluster:
+        a, b, c, d = cluster.nodes
+        pipe = await Pipeline.start(cluster.node, spec(), replicas=2,
+                                    placement=[[a, b], [c, d]], microbatches=2, loss_fn=CE,
+                                    optimizer=opt_spec)
+        await check(pipe, opt_spec, 2)
+        await pipe.save(str(tmp_path / "ckpt"))
+        saved = await pipe.state_dict()
+        await pipe.stop()
+        # one file set, loaded into a single pipeline and into three replicas
+        for replicas, placement in ((1, [a, b]), (3, [[a, b], [c, d], [a, d]])):
+            again = await Pipeline.start(cluster.node, spec(), replicas=replicas,
+                                         placement=placement, microbatches=2, loss_fn=CE,
+                                         optimizer=opt_spec)
+            await again.load(str(tmp_path / "ckpt"))
+            for r in range(replicas):
+                loaded = await again.state_dict(replica=r)
+                assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+            await again.stop()
+
+
+async def test_a_lost_replica_stage_is_restored_from_its_sibling() -> None:
+    opt_spec = OPTIMIZERS[1]
+    data = batches(4)
+    kwargs: dict[str, Any] = {"replicas": 2, "microbatches": 2, "loss_fn": CE,
+                              "optimizer": opt_spec, "snapshot_every": 0}
+    async with sl.LocalCluster(4, allow=["tests"]) as cluster:
+        a, b, c, d = cluster.nodes
+        pipe = await Pipeline.start(cluster.node, spec(), placement=[[a, b], [c, d]],
+                                    **kwargs)
+        expected = [await pipe.train_step(x, y) for x, y in data]
+        expected_state = await pipe.state_dict()
+        await pipe.stop()
+    async with sl.Node(peer_timeout=3.0) as driver, \
+            sl.LocalCluster(5, allow=["tests"], node=driver, peer_timeout=3.0) as cluster:
+        a, b, c, d, spare = cluster.nodes
+        pipe = await Pipeline.start(driver, spec(), placement=[[a, b], [c, d]],
+                                    spares=[spare], **kwargs)
+        losses = [await pipe.train_step(x, y) for x, y in data[:2]]
+        os.kill(cluster.pids()[3], signal.SIGKILL)   # replica 1, stage 1
+        losses += [await pipe.train_step(x, y) for x, y in data[2:]]
+        stats = await pipe.stats()
+        for r in range(2):
+            state = await pipe.state_dict(replica=r)
+            assert all(torch.equal(state[k], v) for k, v in expected_state.items())
+        await pipe.stop()
+    assert losses == expected
+    (record,) = stats["recoveries"]
+    assert record["from"] == "replica" and record["stages"] == [1]
