@@ -11,9 +11,9 @@ As in DDP, gradients are reduced in buckets (parameters in reverse order, about 
 order backward produces them), and a bucket starts reducing as soon as the last
 gradient in it is final: in the last backward of its stage in the step, which the
 device's program knows. The reduction then overlaps whatever backward work remains.
-The result is the sum divided by the number of replicas; every replica receives the same
-bits (a ring all-reduce computes each element's sum once and copies it), so replicas
-stay bitwise identical.
+Each replica scales its loss by 1 / replicas, so the sum is the average; every replica
+receives the same bits (a ring all-reduce computes each element's sum once and copies
+it), so replicas stay bitwise identical.
 """
 
 from __future__ import annotations
@@ -56,20 +56,31 @@ def join_group(host: str, port: int, prefix: str, rank: int, size: int, device: 
 
 
 class _Bucket:
-    __slots__ = ("flat", "params", "remaining", "stage", "started", "work")
+    __slots__ = ("flat", "params", "remaining", "stage", "started", "views", "work")
 
     def __init__(self, stage: int, params: list[nn.Parameter]) -> None:
         self.stage = stage
         self.params = params
         self.remaining = 0
         self.work: Any = None
-        self.flat: torch.Tensor | None = None
         self.started = 0.0
+        # The gradients live in one flat buffer (DDP's gradient_as_bucket_view): the
+        # backward accumulates straight into it, and it is reduced in place, with no
+        # copy in or out.
+        first = params[0]
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=first.dtype,
+                                device=first.device)
+        self.views: list[torch.Tensor] = []
+        offset = 0
+        for p in params:
+            self.views.append(self.flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
 
 
 class GradSync:
     """The gradient all-reduce of one device's stages with their copies in the other
-    replicas. Runs on the device thread (hooks fire inside its backward)."""
+    replicas. Runs on the device thread (hooks fire inside its backward). The losses
+    are scaled by 1 / replicas, so the sum the group computes is the average."""
 
     def __init__(self, params: dict[int, list[nn.Parameter]], group: Any, size: int,
                  timeout: float, bucket_bytes: int = BUCKET_BYTES) -> None:
@@ -80,19 +91,24 @@ class GradSync:
         self._of: dict[nn.Parameter, _Bucket] = {}
         self._handles: list[Any] = []
         for stage, stage_params in sorted(params.items()):
-            current: list[nn.Parameter] = []
-            size_bytes = 0
-            for p in reversed([p for p in stage_params if p.requires_grad]):
-                current.append(p)
-                size_bytes += p.numel() * p.element_size()
-                if size_bytes >= bucket_bytes:
+            trainable = [p for p in stage_params if p.requires_grad]
+            for kind in sorted({(str(p.dtype), str(p.device)) for p in trainable}):
+                current: list[nn.Parameter] = []
+                size_bytes = 0
+                for p in reversed(trainable):
+                    if (str(p.dtype), str(p.device)) != kind:
+                        continue
+                    current.append(p)
+                    size_bytes += p.numel() * p.element_size()
+                    if size_bytes >= bucket_bytes:
+                        self._add(stage, current)
+                        current, size_bytes = [], 0
+                if current:
                     self._add(stage, current)
-                    current, size_bytes = [], 0
-            if current:
-                self._add(stage, current)
         for p in self._of:
             hook: Any = p.register_post_accumulate_grad_hook
             self._handles.append(hook(self._accumulated))
+        self.zero()
 
     def _add(self, stage: int, params: list[nn.Parameter]) -> None:
         bucket = _Bucket(stage, params)
@@ -100,11 +116,15 @@ class GradSync:
         for p in params:
             self._of[p] = bucket
 
-    def reset(self) -> None:
-        """A new step: forget reductions a failed step left behind."""
+    def zero(self) -> None:
+        """A new step: zero gradients (in their buckets), forget reductions a failed
+        step left behind."""
         for bucket in self._buckets:
+            bucket.flat.zero_()
+            for p, view in zip(bucket.params, bucket.views, strict=True):
+                p.grad = view
             bucket.remaining = 0
-            bucket.work = bucket.flat = None
+            bucket.work = None
 
     def arm(self, stage: int) -> None:
         """The next backward of ``stage`` is its last in this step."""
@@ -121,41 +141,31 @@ class GradSync:
             self._start(bucket)
 
     def flush(self, stage: int) -> None:
-        """The last backward of ``stage`` is done: reduce what is left (parameters the
-        backward did not reach keep their gradient, or its absence, on every replica)."""
+        """The last backward of ``stage`` is done: reduce what is left (buckets whose
+        parameters the backward did not all reach)."""
         for bucket in self._buckets:
             if bucket.stage == stage and bucket.work is None:
                 self._start(bucket)
 
     def _start(self, bucket: _Bucket) -> None:
         bucket.remaining = 0
-        grads = [p.grad for p in bucket.params if p.grad is not None]
-        if not grads:
-            bucket.work = _Done()
-            return
-        bucket.flat = torch.cat([g.reshape(-1) for g in grads])
+        for p, view in zip(bucket.params, bucket.views, strict=True):
+            if p.grad is not view:  # replaced (set to None, or a new tensor): take it in
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
         bucket.started = time.time()
         bucket.work = self.group.allreduce([bucket.flat])
 
     def wait(self) -> list[list[Any]]:
-        """Wait for every reduction, write the averages back; trace spans."""
+        """Wait for every reduction; returns trace spans."""
         spans = []
         for bucket in self._buckets:
             if bucket.work is None:
                 self._start(bucket)
             bucket.work.wait(self.timeout)
-            flat = bucket.flat
-            if flat is not None:
-                flat.div_(self.size)
-                offset = 0
-                for p in bucket.params:
-                    if p.grad is None:
-                        continue
-                    n = p.grad.numel()
-                    p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-                    offset += n
-                spans.append([bucket.stage, "allreduce", -1, bucket.started, time.time()])
-            bucket.work = bucket.flat = None
+            bucket.work = None
+            spans.append([bucket.stage, "allreduce", -1, bucket.started, time.time()])
         return spans
 
     def close(self) -> None:

@@ -81,6 +81,7 @@ class StageActor(Actor):
         self._snapshots = Versions(keep=2)
         self.version = 0                           # training steps committed here
         self._sync: GradSync | None = None         # gradient averaging over replicas
+        self.replicas = 1
 
     @property
     def link(self) -> Device:
@@ -159,6 +160,7 @@ class StageActor(Actor):
                 self._sync.close()
             self._sync = GradSync({s: self._parameters(s) for s in self.stages}, group,
                                   size, timeout)
+            self.replicas = size
 
         await self._on_device(install)
 
@@ -257,10 +259,10 @@ class StageActor(Actor):
                 return
             sync = self._sync if program.train else None
             if program.pc == 0 and program.train:
-                if self.optimizer is not None:
-                    self.optimizer.zero_grad(set_to_none=True)
                 if sync is not None:
-                    sync.reset()
+                    sync.zero()
+                elif self.optimizer is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
             device, actions, last = self.link, program.actions, self.n_stages - 1
             spans = program.spans
             while program.pc < len(actions):
@@ -323,7 +325,8 @@ class StageActor(Actor):
             if s == last:
                 if program.train:
                     assert loss is not None
-                    program.losses[mb] = float(loss.detach()) * program.n_microbatches
+                    program.losses[mb] = float(loss.detach()) * program.n_microbatches * \
+                        self.replicas
                     program.saved[(s, mb)] = (x_leaves, loss)
                 else:
                     program.outputs[mb] = y
@@ -372,8 +375,9 @@ class StageActor(Actor):
                 if self.loss_fn is None:
                     raise ValueError("training needs a loss_fn on the last stage")
                 target = _tree.map_tensors(target, lambda t: t.to(device))
-                # Mean over microbatches: each microbatch contributes loss / m.
-                loss = self.loss_fn(y, target) / n_microbatches
+                # Mean over microbatches (and replicas, whose gradients are summed):
+                # each microbatch contributes loss / (m x replicas).
+                loss = self.loss_fn(y, target) / (n_microbatches * self.replicas)
         return y, x_leaves, loss
 
     def _forward_cached(self, stage: int, x: Any, cache_id: str) -> Any:
