@@ -74,6 +74,10 @@ class Fleet:
             await self.form_groups()
             if snapshots:
                 await self.ensure_holders()
+            # A holder on every spare too: it makes the spare import torch and the
+            # model layer now, not in the middle of a recovery.
+            for spare in self.plan.spares:
+                await self._holder(spare.node)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.stop()
@@ -166,10 +170,15 @@ class Fleet:
     async def ensure_holders(self) -> None:
         """A ``SnapshotHolder`` on every node the plan keeps snapshots on."""
         for address in sorted({d.holder for d in self.plan.all_devices()
-                               if d.holder is not None} - set(self.holders)):
-            where = self.nodes[address]
-            self.holders[address] = await where.spawn("shardline.models._snapshot:"
-                                                      "SnapshotHolder")
+                               if d.holder is not None}):
+            await self._holder(address)
+
+    async def _holder(self, address: str) -> ActorRef:
+        ref = self.holders.get(address)
+        if ref is None:
+            ref = self.holders[address] = await self.nodes[address].spawn(
+                "shardline.models._snapshot:SnapshotHolder")
+        return ref
 
     # -- failures ---------------------------------------------------------------------------
 

@@ -20,16 +20,33 @@ State = dict[str, Any]
 
 
 class Versions:
-    """The latest ``keep`` versions of one stage's state, oldest dropped first."""
+    """The latest ``keep`` versions of one stage's state, oldest dropped first.
+
+    A dropped version this stage captured itself is kept as the buffers of the next
+    capture: allocating (and first touching) megabytes on every step costs more than
+    the copy. By the time a version is dropped, its push to the holder was acknowledged,
+    so nothing is still sending from those buffers.
+    """
 
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
         self._by_version: dict[int, State] = {}
+        self._spare: State | None = None
 
     def put(self, version: int, state: State) -> None:
         self._by_version[version] = state
         for old in sorted(self._by_version)[:-self.keep]:
-            del self._by_version[old]
+            self._drop(old)
+
+    def _drop(self, version: int) -> None:
+        state = self._by_version.pop(version)
+        if state.get("owned"):
+            self._spare = state
+
+    def spare(self) -> State | None:
+        """Buffers of a dropped version to capture into (taken: one user at a time)."""
+        state, self._spare = self._spare, None
+        return state
 
     def get(self, version: int) -> State:
         try:
@@ -43,7 +60,7 @@ class Versions:
 
     def drop_below(self, version: int) -> None:
         for old in [v for v in self._by_version if v < version]:
-            del self._by_version[old]
+            self._drop(old)
 
     def nbytes(self) -> int:
         return sum(_nbytes(state) for state in self._by_version.values())

@@ -246,7 +246,7 @@ class StageActor(Actor):
                 self._snapshots.drop_below(keep_from)
             spans.append([self.stages[-1], "opt", -1, t0, t1])
             if snapshot is not None:
-                self._snapshots.put(snapshot, self._capture())
+                self._snapshots.put(snapshot, self._capture(self._snapshots.spare()))
                 spans.append([self.stages[-1], "snapshot", -1, t1, time.time()])
             return spans
         return await self._on_device(apply)
@@ -427,13 +427,15 @@ class StageActor(Actor):
         """This device's parameters and buffers under the unsharded model's keys."""
         return await self._on_device(self._state_dict)
 
-    def _state_dict(self) -> dict[str, torch.Tensor]:
+    def _state_dict(self, into: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for s in self.stages:
             names = self.names[s]
             for key, value in self.chunks[s].state_dict().items():
                 index, _, rest = key.partition(".")
-                out[f"{names[int(index)]}.{rest}"] = value.detach().to("cpu").clone()
+                name = f"{names[int(index)]}.{rest}"
+                out[name] = _copy(value, into.get(name) if into is not None else None)
         return out
 
     async def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -461,7 +463,8 @@ class StageActor(Actor):
         depend on how the model was split."""
         return await self._on_device(self._optimizer_state)
 
-    def _optimizer_state(self) -> dict[str, Any]:
+    def _optimizer_state(self, into: dict[str, torch.Tensor] | None = None
+                         ) -> dict[str, Any]:
         if self.optimizer is None:
             return {"tensors": {}, "groups": []}
         sd = self.optimizer.state_dict()
@@ -470,7 +473,8 @@ class StageActor(Actor):
         for index, fields in sd["state"].items():
             for field, value in fields.items():
                 t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-                tensors[f"{names[index]}::{field}"] = t.detach().to("cpu").clone()
+                key = f"{names[index]}::{field}"
+                tensors[key] = _copy(t, into.get(key) if into is not None else None)
         groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
         return {"tensors": tensors, "groups": groups}
 
@@ -496,10 +500,14 @@ class StageActor(Actor):
 
     # -- snapshots and recovery ---------------------------------------------------------------
 
-    def _capture(self) -> State:
-        """Device thread: everything a restored copy needs to continue bitwise."""
-        return {"model": self._state_dict(), "opt": self._optimizer_state(),
-                "version": self.version}
+    def _capture(self, into: State | None = None) -> State:
+        """Device thread: everything a restored copy needs to continue bitwise; copied
+        into ``into``'s tensors when it holds the same ones (an earlier capture)."""
+        state = {"model": self._state_dict(into and into["model"]),
+                 "opt": self._optimizer_state(into and into["opt"]["tensors"]),
+                 "version": self.version}
+        state["owned"] = True
+        return state
 
     def _restore(self, state: State) -> None:
         self._load_state_dict(state["model"])
@@ -525,7 +533,7 @@ class StageActor(Actor):
         return self._snapshots.get(version)
 
     def keep_snapshot(self, version: int, state: State) -> None:
-        self._snapshots.put(version, state)
+        self._snapshots.put(version, {**state, "owned": False})  # not ours to overwrite
 
     def snapshots(self) -> list[int]:
         """Versions this stage keeps in its own memory."""
@@ -548,7 +556,7 @@ class StageActor(Actor):
         keep it as a local version too."""
         state = await holder.get(key, version)
         await self._on_device(functools.partial(self._restore, state))
-        self._snapshots.put(version, state)
+        self._snapshots.put(version, {**state, "owned": False})  # not ours to overwrite
         return self.version
 
     async def export_state(self) -> State:
@@ -558,6 +566,14 @@ class StageActor(Actor):
     async def import_state(self, state: State) -> int:
         await self._on_device(functools.partial(self._restore, state))
         return self.version
+
+
+def _copy(value: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
+    """``value`` detached on the CPU, in ``into`` when it has the same shape and type."""
+    value = value.detach()
+    if into is not None and into.shape == value.shape and into.dtype == value.dtype:
+        return into.copy_(value)
+    return value.to("cpu", copy=True)
 
 
 def _settle(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], result: Any,
