@@ -2,7 +2,9 @@
 
 Pure functions, no torch and no network: a schedule can be printed, tested against the
 papers and torch's own orders, and drawn before anything runs. The runtime executes
-whatever programs it is given.
+whatever programs it is given. One module per family: ``gpipe``, ``one_f_one_b``,
+``interleaved_1f1b``, the zero-bubble ``zb_h1`` and ``zbv``, ``dualpipe_v``; beside them
+the types (``Action``, ``Schedule``), ``simulate`` and ``search``.
 
 What a runtime needs to know to execute a ``Schedule``:
 
@@ -21,10 +23,13 @@ What a runtime needs to know to execute a ``Schedule``:
   stage ``s + 1`` sent from ``device_of(s + 1)``; the last stage's starts from its loss.
   Both send the gradient of the stage's input on to ``device_of(s - 1)`` (stage 0 has
   nowhere to send it).
-- ``W`` of (stage, mb) needs only that pair's earlier ``I`` on the same device: it turns
-  what ``I`` kept into weight gradients and sends nothing. A microbatch's activations
-  on a stage are held from its ``F`` until its ``B``, or its ``W`` when split.
-- Two consecutive stages on one device (the bottom of a V) pass tensors in place.
+- ``I`` computes only the gradient of the stage's input and must keep what the weight
+  gradients still need; ``W`` of (stage, mb) needs only that pair's earlier ``I`` on
+  the same device: it turns what ``I`` kept into weight gradients (accumulated like a
+  ``B``'s) and sends nothing. A microbatch's activations on a stage are held from its
+  ``F`` until its ``B``, or until its ``W`` when split (``peak_activations`` counts so).
+- Two consecutive stages on one device (the bottom of a V: stages ``p - 1`` and ``p``)
+  exchange activations and gradients without a message.
 - ``validate()`` guarantees every (stage, mb) is ``F`` then ``B``, or ``F``, ``I`` then
   ``W``, in that order on the stage's device; ``simulate()`` that the programs do not
   deadlock.

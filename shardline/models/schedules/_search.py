@@ -114,12 +114,19 @@ def _greedy(p: int, m: int, costs: Costs, limit: int, ahead: Sequence[int], eage
     pending_w: list[deque[int]] = [deque() for _ in range(p)]
     held = [0] * p
     programs: list[list[Action]] = [[] for _ in range(p)]
-    # (when the device is next free, order of arrival in the queue, device)
-    free = [(0.0, d, d) for d in range(p)]
-    heapq.heapify(free)
+    # (when to look at the device again, tie-break, device, version): an entry whose
+    # version is not the device's current one was superseded
+    queue = [(0.0, d, d, 0) for d in range(p)]
+    version = [0] * p
+    waiting: dict[int, float] = {}  # idle device -> when it looks again (inf: unknown)
     seq = p
-    waited_at = [-1.0] * p
     remaining = 3 * p * m
+
+    def look_again(d: int, when: float) -> None:
+        nonlocal seq
+        seq += 1
+        version[d] += 1
+        heapq.heappush(queue, (when, seq, d, version[d]))
 
     def arrival(done: dict[tuple[int, int], float], stage: int, mb: int, d: int) -> float | None:
         end = done.get((stage, mb))
@@ -132,7 +139,11 @@ def _greedy(p: int, m: int, costs: Costs, limit: int, ahead: Sequence[int], eage
         return forward_out.get((d, mb)) if d == last else arrival(grad_out, d + 1, mb, d)
 
     while remaining:
-        t, _, d = heapq.heappop(free)
+        if not queue:
+            raise AssertionError(f"greedy search stalled with devices {sorted(waiting)} idle")
+        t, _, d, v = heapq.heappop(queue)
+        if v != version[d]:
+            continue
         c = costs[d]
         ready_i = [mb for mb in awaiting_i[d] if (g := grad_at(d, mb)) is not None and g <= t]
         can_f = (next_f[d] < m and len(awaiting_i[d]) < ahead[d] and held[d] < limit)
@@ -160,22 +171,20 @@ def _greedy(p: int, m: int, costs: Costs, limit: int, ahead: Sequence[int], eage
                 held[d] -= 1
                 action = Action(d, "W", mb)
             else:
-                # look again when what we wait for arrives, or when another device
-                # decides (it may start what we wait for), first those free right now
-                others = [e for e, _, _ in free]
-                wake: float | None = t
-                if others and min(others) <= t and waited_at[d] != t:
-                    waited_at[d] = t
-                else:
-                    wake = min([*soon, *(e for e in others if e > t)], default=None)
-                if wake is None:
-                    raise AssertionError(f"greedy search stalled on device {d}")
-                seq += 1
-                heapq.heappush(free, (wake, seq, d))
+                # idle until what we wait for arrives, or until another device's next
+                # action ends (it may be what we wait for; see below)
+                waiting[d] = min(soon, default=float("inf"))
+                if soon:
+                    look_again(d, waiting[d])
                 continue
+        waiting.pop(d, None)
         programs[d].append(action)
         remaining -= 1
+        end = t + c[action.kind]
         if next_f[d] < m or awaiting_i[d] or pending_w[d]:
-            seq += 1
-            heapq.heappush(free, (t + c[action.kind], seq, d))
+            look_again(d, end)
+        for idle, when in list(waiting.items()):
+            if end < when:
+                waiting[idle] = end
+                look_again(idle, end)
     return Schedule("search", p, p, m, tuple(tuple(a) for a in programs))
