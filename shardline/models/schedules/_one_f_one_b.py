@@ -12,7 +12,11 @@ __all__ = ["one_f_one_b"]
 def one_f_one_b(stages: int, microbatches: int) -> Schedule:
     """1F1B: stage ``s`` warms up with ``p - s - 1`` forwards, then alternates one
     forward and one backward, so it never holds more than ``p - s`` microbatches'
-    activations."""
+    activations.
+
+    This is the order torch's ``Schedule1F1B`` runs. Its ``pipeline_order`` (the table
+    torch prints and simulates, not what its runtime reads) differs on the last rank
+    only, numbering the forwards ``1..m`` instead of ``0..m-1``."""
     check_sizes(stages, microbatches)
     programs = []
     for s in range(stages):
