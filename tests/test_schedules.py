@@ -75,3 +75,24 @@ def test_bad_arguments() -> None:
                                             (S.Action(1, "B", 0), S.Action(1, "F", 0))))
     with pytest.raises(ValueError):
         S.simulate(broken)
+
+
+def test_the_package_exports_exactly_its_public_names() -> None:
+    import types
+
+    public = {name for name, value in vars(S).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)
+              and name != "annotations"}
+    assert public == set(S.__all__)
+    for name in ("Action", "Schedule", "Simulation", "simulate", "by_name", "gpipe",
+                 "one_f_one_b", "interleaved_1f1b", "zb_h1", "zbv", "dualpipe_v", "search"):
+        assert name in S.__all__
+
+
+def test_the_docs_print_the_schedules_as_they_are() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "pipelines.md").read_text(encoding="utf-8")
+    for schedule in (S.one_f_one_b(4, 8), S.interleaved_1f1b(2, 4, 2), S.zb_h1(4, 8),
+                     S.zbv(4, 8), S.dualpipe_v(4, 8)):
+        assert schedule.table() in doc, schedule.name

@@ -10,14 +10,18 @@ from typing import Any
 
 __all__ = ["StepTrace", "Trace", "TraceSpan"]
 
+_COMPUTE = ("F", "B", "I", "W")
+_BUSY = (*_COMPUTE, "opt")
+
 
 @dataclass(frozen=True)
 class TraceSpan:
     device: int
     stage: int
     kind: str
-    """"F" / "B" (compute), "send" (encoding and handing an output to the link),
-    "recv" (an input arrived: ``start == end``), "opt" (the optimizer step)."""
+    """"F" / "B" / "I" / "W" (compute: forward, full backward, input gradient, weight
+    gradient), "send" (encoding and handing an output to the link), "recv" (an input
+    arrived: ``start == end``), "opt" (the optimizer step)."""
     mb: int
     start: float
     """Seconds since the epoch, from the device's own clock."""
@@ -39,10 +43,11 @@ class StepTrace:
         return 1 + max((s.device for s in self.spans), default=-1)
 
     def durations(self) -> dict[tuple[int, str, int], float]:
-        """Compute time of each forward and backward, keyed ``(stage, kind, mb)``: what
-        ``schedules.simulate(..., durations=)`` takes to give this step's ideal."""
+        """Compute time of each ``F``, ``B``, ``I`` and ``W``, keyed ``(stage, kind, mb)``:
+        what ``schedules.simulate(..., durations=)`` takes to give this step's ideal, and
+        ``schedules.search`` to find a schedule for these costs."""
         return {(s.stage, s.kind, s.mb): s.end - s.start
-                for s in self.spans if s.kind in ("F", "B")}
+                for s in self.spans if s.kind in _COMPUTE}
 
     def idle(self) -> list[tuple[int, float, float]]:
         """``(device, start, end)`` of every stretch in the step when a device computed
@@ -50,7 +55,7 @@ class StepTrace:
         gaps = []
         for d in range(self.n_devices):
             busy = sorted((s.start, s.end) for s in self.spans
-                          if s.device == d and s.kind in ("F", "B", "opt"))
+                          if s.device == d and s.kind in _BUSY)
             cursor = self.start
             for start, end in busy:
                 if start > cursor:
@@ -62,7 +67,7 @@ class StepTrace:
 
     def bubble_fraction(self) -> float:
         """Share of the devices' time in this step spent not computing."""
-        busy = sum(s.end - s.start for s in self.spans if s.kind in ("F", "B", "opt"))
+        busy = sum(s.end - s.start for s in self.spans if s.kind in _BUSY)
         total = self.n_devices * (self.end - self.start)
         return 1 - busy / total if total > 0 else 0.0
 
@@ -113,9 +118,9 @@ class Trace:
                                    "s": "t", "pid": s.device, "tid": 1, "ts": ts,
                                    "args": args})
                     continue
-                name = f"{s.kind}{s.mb}" if s.kind in ("F", "B") else f"{s.kind} mb{s.mb}"
+                name = f"{s.kind}{s.mb}" if s.kind in _COMPUTE else f"{s.kind} mb{s.mb}"
                 events.append({"name": name, "cat": s.kind, "ph": "X", "pid": s.device,
-                               "tid": 0 if s.kind in ("F", "B", "opt") else 1, "ts": ts,
+                               "tid": 0 if s.kind in _BUSY else 1, "ts": ts,
                                "dur": (s.end - s.start) * 1e6, "args": args})
         doc = {"traceEvents": events, "displayTimeUnit": "ms"}
         if path is not None:
@@ -129,14 +134,19 @@ class Trace:
         to_png(self, path, step=step, title=title)
 
 
-_COLORS = {"F": "#4C72B0", "B": "#55A868", "opt": "#8172B2", "send": "#DD8452"}
+_COLORS = {"F": "#4C72B0", "B": "#55A868", "I": "#64B5CD", "W": "#CCB974",
+           "opt": "#8172B2", "send": "#DD8452"}
+_LABELS = {"F": "forward", "B": "backward", "I": "input gradient (I)",
+           "W": "weight gradient (W)", "opt": "optimizer", "send": "send"}
 
 
 def to_png(trace: Trace, path: str | os.PathLike[str], *, step: int = -1,
            title: str | None = None) -> None:
     """A Gantt chart of one recorded step, drawn like the GPipe and 1F1B papers' figures:
-    one row per device, forward (blue) and backward (green) boxes labelled with their
-    microbatch, sends as thin orange ticks, and the bubble (idle time) hatched in red.
+    one row per device, forward (blue), backward (green), input-gradient (cyan) and
+    weight-gradient (olive) boxes labelled with their microbatch, sends as thin orange
+    ticks, and the bubble (idle time) hatched in red; the legend names the kinds the
+    step ran.
     Needs matplotlib (``pip install 'shardline[viz]'``)."""
     try:
         import matplotlib
@@ -167,7 +177,7 @@ def to_png(trace: Trace, path: str | os.PathLike[str], *, step: int = -1,
                 continue
             ax.broken_barh([(x, w)], (row + 0.1, 0.8), facecolors=_COLORS[s.kind],
                            edgecolors="white", linewidth=0.5)
-            if s.kind in ("F", "B") and w > width / 60:
+            if s.kind in _COMPUTE and w > width / 60:
                 ax.text(x + w / 2, row + 0.5, str(s.mb), ha="center", va="center",
                         color="white", fontsize=8)
     ax.set_yticks([n - 1 - d + 0.5 for d in range(n)], [f"device {d}" for d in range(n)])
@@ -175,13 +185,13 @@ def to_png(trace: Trace, path: str | os.PathLike[str], *, step: int = -1,
     ax.set_ylim(0, n)
     ax.set_xlabel("ms since the step started")
     ax.set_title(title or f"{st.what} step {st.step}: bubble {st.bubble_fraction():.0%}")
-    ax.legend(handles=[Patch(facecolor=_COLORS["F"], label="forward"),
-                       Patch(facecolor=_COLORS["B"], label="backward"),
-                       Patch(facecolor=_COLORS["opt"], label="optimizer"),
-                       Patch(facecolor=_COLORS["send"], label="send"),
-                       Patch(facecolor="#fbe3e3", edgecolor="#d9534f", hatch="///",
-                             label="idle (bubble)")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=5, frameon=False)
+    ran = {s.kind for s in st.spans}
+    handles = [Patch(facecolor=_COLORS[k], label=_LABELS[k])
+               for k in (*_COMPUTE, "opt", "send") if k in ran]
+    handles.append(Patch(facecolor="#fbe3e3", edgecolor="#d9534f", hatch="///",
+                         label="idle (bubble)"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.25),
+              ncol=len(handles), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
