@@ -115,10 +115,10 @@ class Pipeline:
                 raise ValueError(f"placement{f' of replica {r}' if replicas > 1 else ''} "
                                  f"has {len(row)} entries for {n_devices} devices")
         v = chunks if schedule.lower().startswith("interleaved") else 1
-        if split_points is not None and v > 1:
-            raise ValueError("split_points gives one stage per device; interleaved schedules "
-                             "need stages=N")
         plan_schedule = by_name(schedule, n_devices, microbatches, v)
+        if split_points is not None and plan_schedule.chunks > 1:
+            raise ValueError(f"split_points gives one stage per device; {schedule} places "
+                             f"{plan_schedule.chunks} stages on each device: give stages=N")
         if isinstance(model, LayerSpec):
             n_layers = model.n_layers
             layers: list[nn.Module] | None = None
