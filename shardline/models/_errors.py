@@ -16,6 +16,9 @@ class PipelineError(ShardlineError):
         super().__init__(message)
         self.stage = stage
         self.replica = replica
+        self.recovered = False
+        """Set when the pipeline replaced the lost node after this failure: a request
+        whose state was on it can be replayed."""
 
 
 class PlanError(ShardlineError, ValueError):

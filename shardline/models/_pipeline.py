@@ -93,7 +93,11 @@ class Pipeline:
         during ``train_step``, its stages move to a spare, their state is restored
         (from a surviving replica, or from the in-memory snapshot taken every
         ``snapshot_every`` steps and kept on another node; default 1 when there are
-        spares, else off) and the step runs again. ``check_finite=True`` fails a step
+        spares and an optimizer, else off) and the step runs again. A pipeline that has
+        not trained or loaded anything rebuilds a lost stage from its ``LayerSpec``; its
+        inference calls run again, and ``generate`` streams replay their tokens into the
+        new stage and continue. With replicas and no spare, inference moves to a
+        replica that is whole. ``check_finite=True`` fails a step
         (``PipelineError`` naming the stage and microbatch) before any weight changes
         when an activation, loss or gradient is NaN or infinite.
         """
@@ -146,7 +150,8 @@ class Pipeline:
             raise ValueError("mixing local and remote stages needs this node to listen "
                              "(Node(listen='tcp://...')) so remote stages can reach local ones")
         if snapshot_every is None:
-            snapshot_every = 1 if spare_places else 0
+            # Inference-only pipelines rebuild a lost stage from the spec instead.
+            snapshot_every = 1 if spare_places and optimizer is not None else 0
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0, got {snapshot_every}")
         plan = build_plan(plan_schedule, bounds, names, places, spare_places)
@@ -212,13 +217,45 @@ class Pipeline:
         gen = torch.Generator()
         gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         cache = secrets.token_hex(8)
+        tokens: list[int] = []
+
+        async def forward(x: torch.Tensor) -> torch.Tensor:
+            nonlocal cache
+            try:
+                logits: torch.Tensor = await self._schedule("infer", x, cache)
+                return logits
+            except PipelineError as exc:
+                if not exc.recovered:
+                    raise
+                failure = exc
+            for _ in range(3):
+                # A stage of this request was lost and the pipeline replaced it: replay
+                # the request into fresh caches the way it first ran (the prompt, then
+                # one token at a time), so the caches, and what comes next, are the
+                # same (Petals' replay, but exact).
+                with anyio.CancelScope(shield=True):
+                    await _quietly(self.scheduler.release(cache))
+                cache = secrets.token_hex(8)
+                try:
+                    logits = await self._schedule("infer", ids, cache)
+                    for token in tokens:
+                        logits = await self._schedule(
+                            "infer", torch.tensor([[token]], dtype=torch.int64), cache)
+                    return logits
+                except PipelineError as exc:
+                    if not exc.recovered:
+                        raise
+                    failure = exc
+            raise failure
+
         try:
-            x = ids
-            for _ in range(max_new_tokens):
-                logits = await self._schedule("infer", x, cache)
+            logits = await forward(ids)
+            for i in range(max_new_tokens):
                 token = sample(logits[0, -1], temperature, top_p, gen)
+                tokens.append(token)
                 yield token
-                x = torch.tensor([[token]], dtype=torch.int64)
+                if i + 1 < max_new_tokens:
+                    logits = await forward(torch.tensor([[token]], dtype=torch.int64))
         finally:
             with anyio.CancelScope(shield=True):
                 await _quietly(self.scheduler.release(cache))

@@ -132,7 +132,10 @@ class Scheduler(Actor):
         self._last_loss = math.nan
         self.recoveries: list[dict[str, Any]] = []
         self.nonfinite_losses = 0
+        self.loaded = False  # state replaced since start: a fresh build is not it
         self._next_replica = 0
+        self._down: set[int] = set()               # replicas with a lost node, no spare
+        self._cache_replica: dict[str, int] = {}   # where each cached request's state is
         self._programs = [_program(acts) for acts in self.plan.schedule.actions]
 
     @property
@@ -165,6 +168,7 @@ class Scheduler(Actor):
         """The state was replaced (a checkpoint loaded): it becomes the stable snapshot,
         since rolling back past it would undo the load."""
         async with self._gate.hold(exclusive=True):
+            self.loaded = True
             if not self.snapshot_every:
                 return
             version = self.committed
@@ -314,14 +318,34 @@ class Scheduler(Actor):
 
     async def _recover(self, exc: PipelineError, attempts: int,
                        redo: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-        """Bring the pipeline back after ``exc``, or raise it. Returns the batches to
-        run (again)."""
+        """Bring the pipeline back after a failed training step, or raise ``exc``.
+        Returns the batches to run (again)."""
+        if attempts > self.max_recoveries:
+            raise exc
+        mode = await self._heal(exc)
+        if mode == "snapshot":
+            # everything rolled back to the stable version: replay from there
+            assert self._stable is not None
+            return [(x, y) for version, x, y in self._history if version > self._stable]
+        versions = await self._each(lambda dev, ref: ref.alive())
+        if all(v == self.committed + 1 for v in versions.values()):
+            # the commit phase failed after every survivor committed: the step is done
+            self.committed += 1
+            return redo[1:]
+        return redo
+
+    async def _heal(self, exc: PipelineError) -> str:
+        """Replace the devices of lost nodes and restore their state; raises ``exc``
+        when no node was lost (a stage raised: it would raise again) or when the
+        pipeline cannot recover. Returns where the state came from: ``"replica"``,
+        ``"snapshot"`` (every device rolled back to the stable version) or ``"fresh"``
+        (nothing trained yet: a new stage built from the spec is the state)."""
         fleet = self.fleet
-        if not fleet.plan.spares or attempts > self.max_recoveries:
+        if not fleet.plan.spares:
             raise exc
         lost = await fleet.lost_nodes(self.probe_timeout)
         if not lost:
-            raise exc  # a stage raised: running it again would raise again
+            raise exc
         started = time.time()
         old = fleet.plan
         gone = old.on_nodes(lost)
@@ -332,84 +356,82 @@ class Scheduler(Actor):
         except PlanError as plan_error:
             raise PipelineError(f"{exc}; cannot recover: {plan_error}", exc.stage,
                                 exc.replica) from exc
-        rollback = any(source is None for source in sources.values())
+        modes = {mode for mode, _ in sources.values()}
+        mode = "snapshot" if "snapshot" in modes else "replica" if "replica" in modes \
+            else "fresh"
         for dev in moved:
             ref = fleet.refs[dev.key]
-            sibling = sources[dev.key]
-            if sibling is not None and not rollback:
-                await ref.import_state(await fleet.refs[sibling].export_state())
-            else:
+            kind, sibling = sources[dev.key]
+            if mode == "snapshot":
                 holder = old.device(dev.key).holder
-                assert holder is not None and self._stable is not None
-                await ref.fetch(old_holders[holder], fleet.snapshot_key(dev), self._stable)
-        if rollback:
+                if kind == "replica" and sibling is not None:
+                    # its snapshot is its sibling's: replicas are bitwise equal
+                    await ref.import_state(await fleet.refs[sibling].snapshot_state(
+                        self._stable))
+                else:
+                    assert holder is not None and self._stable is not None
+                    await ref.fetch(old_holders[holder], fleet.snapshot_key(dev),
+                                    self._stable)
+            elif kind == "replica" and sibling is not None:
+                await ref.import_state(await fleet.refs[sibling].export_state())
+        if mode == "snapshot":
             stable = self._stable
             assert stable is not None
             moved_keys = {dev.key for dev in moved}
             await self._each(lambda dev, ref: ref.restore(stable)
                              if dev.key not in moved_keys else _done())
-            for dev in fleet.plan.all_devices():
-                if dev.holder is not None and (dev.key in moved_keys or
-                                               dev.holder != old.device(dev.key).holder):
-                    await fleet.refs[dev.key].push_snapshot(
-                        fleet.holders[dev.holder], fleet.snapshot_key(dev), stable)
             self.committed = stable
             self._taken = None
-            redo = [(x, y) for version, x, y in self._history if version > stable]
-        else:
-            if self.snapshot_every and self._stable is not None:
-                await self._rehome(old, moved, sources)
-            versions = await self._each(lambda dev, ref: ref.alive())
-            if all(v == self.committed + 1 for v in versions.values()):
-                # the commit phase failed after every survivor committed: step done
-                self.committed += 1
-                redo = redo[1:]
+        if self.snapshot_every and self._stable is not None:
+            await self._rehome(old, moved, sources)
         record = {
             "what": "node_lost", "lost": sorted(lost),
             "stages": sorted({s for dev in gone for s in dev.stages}),
             "moved_to": sorted({dev.place.node for dev in moved}),
-            "from": "snapshot" if rollback else "replica",
-            "step": self.committed + 1, "start": started, "seconds": time.time() - started,
-            "error": str(exc)}
+            "from": mode, "step": self.committed + 1, "start": started,
+            "seconds": time.time() - started, "error": str(exc)}
         self.recoveries.append(record)
         self._records.append({"step": -1, "what": "recover", "start": started,
                               "end": time.time(), "devices": []})
         log.warning("pipeline recovered from the loss of %s in %.2f s: stages %s moved to "
                     "%s, state from %s", ", ".join(sorted(lost)), record["seconds"],
                     record["stages"], ", ".join(sorted({d.place.node for d in moved})),
-                    record["from"])
-        return redo
+                    mode)
+        return mode
 
     def _sources(self, plan: Plan, lost: set[str],
-                 exc: PipelineError) -> dict[Key, Key | None]:
-        """For each device on a lost node: a surviving sibling (same device of another
-        replica) to copy, or ``None`` to restore from the snapshot. Raises when neither
-        is possible."""
-        sources: dict[Key, Key | None] = {}
+                 exc: PipelineError) -> dict[Key, tuple[str, Key | None]]:
+        """For each device on a lost node, where its state comes from: a surviving
+        sibling (the same device of another replica), the snapshot, or a fresh build
+        (nothing trained or loaded yet). Raises when none is possible."""
+        sources: dict[Key, tuple[str, Key | None]] = {}
         for dev in plan.on_nodes(lost):
             siblings = [other.key for replica in plan.devices for other in replica
                         if other.index == dev.index and other.place.node not in lost]
             if siblings:
-                sources[dev.key] = siblings[0]
-                continue
-            if not self.snapshot_every or self._stable is None:
+                sources[dev.key] = ("replica", siblings[0])
+            elif self.snapshot_every and self._stable is not None:
+                if dev.holder is None or dev.holder in lost:
+                    raise PipelineError(
+                        f"{exc}; cannot recover stage {dev.index}: its node "
+                        f"{dev.place.node} and the node holding its snapshot "
+                        f"{dev.holder or '(none)'} were both lost", exc.stage,
+                        exc.replica) from exc
+                sources[dev.key] = ("snapshot", None)
+            elif self.committed == 0 and not self.loaded:
+                sources[dev.key] = ("fresh", None)
+            else:
                 raise PipelineError(f"{exc}; cannot recover stage {dev.index}: no replica "
                                     "of it survived and snapshots are off "
                                     "(Pipeline.start(..., snapshot_every=N))",
                                     exc.stage, exc.replica) from exc
-            if dev.holder is None or dev.holder in lost:
-                raise PipelineError(
-                    f"{exc}; cannot recover stage {dev.index}: its node "
-                    f"{dev.place.node} and the node holding its snapshot "
-                    f"{dev.holder or '(none)'} were both lost", exc.stage,
-                    exc.replica) from exc
-            sources[dev.key] = None
         return sources
 
     async def _rehome(self, old: Plan, moved: Sequence[DevicePlan],
-                      sources: dict[Key, Key | None]) -> None:
-        """After a recovery without rollback: the stable snapshot of every device whose
-        holder changed goes to its new holder (from the device's own copy)."""
+                      sources: dict[Key, tuple[str, Key | None]]) -> None:
+        """After a recovery: the stable snapshot of every device whose holder changed
+        goes to its new holder, from the device's own copy (a moved device that copied
+        a sibling first keeps the sibling's snapshot as its own)."""
         stable = self._stable
         assert stable is not None
         fleet = self.fleet
@@ -418,30 +440,65 @@ class Scheduler(Actor):
             if dev.holder is None or (dev.key not in moved_keys and
                                       dev.holder == old.device(dev.key).holder):
                 continue
-            if dev.key in moved_keys:
-                # Its state came from a sibling; so does its snapshot (replicas are
-                # bitwise equal), kept here too for a later rollback.
-                sibling = self.fleet.refs[sources[dev.key]]  # type: ignore[index]
+            kind, sibling = sources.get(dev.key, ("", None))
+            if dev.key in moved_keys and kind == "replica" and sibling is not None:
                 await fleet.refs[dev.key].keep_snapshot(
-                    stable, await sibling.snapshot_state(stable))
+                    stable, await fleet.refs[sibling].snapshot_state(stable))
             await fleet.refs[dev.key].push_snapshot(fleet.holders[dev.holder],
                                                     fleet.snapshot_key(dev), stable)
 
     # -- inference -------------------------------------------------------------------------
 
     async def infer(self, x: Any, cache: str | None = None) -> Any:
-        async with self._gate.hold(exclusive=False):
-            return await self._infer(x, cache)
+        """Inference on one replica. When a node is lost under it: with spares the
+        pipeline heals and the call runs again; with replicas it runs again on another;
+        a call with ``cache`` raises instead (its state went with the node), with the
+        error's ``recovered`` set when the pipeline is whole again, so the caller can
+        replay the request (``Pipeline.generate`` does)."""
+        attempts = 0
+        while True:
+            async with self._gate.hold(exclusive=False):
+                replica = self._replica_for(cache)
+                try:
+                    return await self._infer(x, cache, replica)
+                except PipelineError as exc:
+                    failure = exc
+            attempts += 1
+            lost = await self.fleet.lost_nodes(self.probe_timeout)
+            if not lost or attempts > self.max_recoveries:
+                raise failure
+            if self.plan.spares:
+                async with self._gate.hold(exclusive=True):
+                    # another call may have healed it meanwhile
+                    if await self.fleet.lost_nodes(self.probe_timeout):
+                        await self._heal(failure)
+                    self._down.clear()
+            else:
+                self._down |= {dev.replica for dev in self.plan.on_nodes(lost)}
+                if len(self._down) == self.plan.replicas:
+                    raise failure
+            if cache is not None:
+                failure.recovered = True
+                self._cache_replica.pop(cache, None)
+                raise failure
 
     def _replica_for(self, cache: str | None) -> int:
-        replicas = self.plan.replicas
+        """The replica for a call: round robin over those not down; every call of one
+        cached request goes where its state is."""
         if cache is not None:
-            # every call of one request goes where its cached state is
-            return sum(cache.encode()) % replicas
-        self._next_replica = (self._next_replica + 1) % replicas
-        return self._next_replica
+            placed = self._cache_replica.get(cache)
+            if placed is not None:
+                return placed
+        up = [r for r in range(self.plan.replicas) if r not in self._down]
+        self._next_replica += 1
+        replica = up[self._next_replica % len(up)] if up else 0
+        if cache is not None:
+            self._cache_replica[cache] = replica
+            if len(self._cache_replica) > 65536:  # requests never released
+                del self._cache_replica[next(iter(self._cache_replica))]
+        return replica
 
-    async def _infer(self, x: Any, cache: str | None) -> Any:
+    async def _infer(self, x: Any, cache: str | None, r: int) -> Any:
         schedule = self.plan.schedule
         first = _tree.leaves(x)
         m = max(1, min(schedule.n_microbatches, first[0].shape[0] if first else 1))
@@ -450,7 +507,6 @@ class Scheduler(Actor):
         xs = _tree.split(x, m)
         programs = [_program([a for a in acts if a.kind == "F" and a.mb < m])
                     for acts in schedule.actions]
-        r = self._replica_for(cache)
         refs = self.fleet.replica(r)
         step = next(self._steps)
         started = time.time()
@@ -482,8 +538,10 @@ class Scheduler(Actor):
         return _tree.cat([outputs[i] for i in range(m)])
 
     async def release(self, cache: str) -> None:
-        for ref in self.fleet.replica(self._replica_for(cache)):
-            await ref.tell("release", cache)
+        replica = self._cache_replica.pop(cache, None)
+        if replica is not None:
+            for ref in self.fleet.replica(replica):
+                await ref.tell("release", cache)
 
 
 async def _done() -> None:
