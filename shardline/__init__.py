@@ -19,8 +19,10 @@ from ._runtime import run as run
 from ._runtime import to_thread as to_thread
 from ._version import __version__ as __version__
 from .actors import Actor as Actor
+from .actors import ActorMesh as ActorMesh
 from .actors import ActorRef as ActorRef
 from .actors import LocalCluster as LocalCluster
+from .actors import MeshError as MeshError
 from .actors import Node as Node
 from .actors import RemoteNode as RemoteNode
 from .actors import StopInfo as StopInfo
@@ -39,12 +41,14 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Actor",
     "ActorError",
+    "ActorMesh",
     "ActorNameTaken",
     "ActorNotFound",
     "ActorRef",
     "ActorStopped",
     "AskTimeout",
     "LocalCluster",
+    "MeshError",
     "MethodNotFound",
     "Node",
     "NodeLost",

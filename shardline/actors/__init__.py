@@ -4,8 +4,11 @@ from ._actor import Actor as Actor
 from ._cluster import LocalCluster as LocalCluster
 from ._lifecycle import StopInfo as StopInfo
 from ._lifecycle import StopReason as StopReason
+from ._mesh import ActorMesh as ActorMesh
+from ._mesh import MeshError as MeshError
 from ._node import Node as Node
 from ._ref import ActorRef as ActorRef
 from ._remote import RemoteNode as RemoteNode
 
-__all__ = ["Actor", "ActorRef", "LocalCluster", "Node", "RemoteNode", "StopInfo", "StopReason"]
+__all__ = ["Actor", "ActorMesh", "ActorRef", "LocalCluster", "MeshError", "Node",
+           "RemoteNode", "StopInfo", "StopReason"]

@@ -6,7 +6,7 @@ import itertools
 import logging
 import os
 import random
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from ..transport import load_allow_keys as _load_allow_keys
 from ._actor import Actor
 from ._cell import ActorCell
 from ._lifecycle import OnError, RestartPolicy
+from ._mesh import ActorMesh, spawn_many
 from ._ref import ActorRef
 from ._remote import RemoteNode, decode_ref, encode_ref, serve_request
 
@@ -183,6 +184,14 @@ class Node:
             self._names[name] = cell
         tg.start_soon(cell.run, name=f"actor {cell.label}")
         return ref
+
+    async def spawn_many(self, cls: type[Actor] | str, nodes: Sequence[Node | RemoteNode],
+                         *args: Any, **kwargs: Any) -> ActorMesh:
+        """One actor from ``cls(*args, **kwargs)`` on each of ``nodes`` (this node, or
+        ``RemoteNode``s; ``cls`` as ``"pkg.module:Class"`` for remote ones), spawned in
+        parallel; ``await mesh.call("method", ...)`` then asks them all and gathers in
+        rank order."""
+        return await spawn_many(cls, nodes, *args, **kwargs)
 
     # -- networking ------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import anyio
 import torch
 from torch import nn
 
-from .. import ActorRef, Node, RemoteNode, ShardlineError, to_thread
+from .. import ActorMesh, ActorRef, Node, RemoteNode, ShardlineError, to_thread
 from ..transport import parse_tcp
 from ._allreduce import master_store
 from ._plan import LOCAL, DevicePlan, Plan
@@ -159,13 +159,15 @@ class Fleet:
         port = int(self._store.port)
         prefix = f"{self.options.token}/g{self._generation}"
 
-        async def join(dev: DevicePlan) -> None:
-            await self.refs[dev.key].join_replicas(host, port, f"{prefix}/d{dev.index}",
-                                                   dev.replica, replicas, timeout)
+        async def join(index: int) -> None:
+            # the copies of device ``index`` form a mesh; each joins as its replica's rank
+            siblings = ActorMesh([self.refs[(r, index)] for r in range(replicas)])
+            await siblings.call("join_replicas", host, port, f"{prefix}/d{index}", replicas,
+                                timeout)
 
         async with anyio.create_task_group() as tg:
-            for dev in self.plan.all_devices():
-                tg.start_soon(join, dev)
+            for index in range(self.plan.n_devices):
+                tg.start_soon(join, index)
 
     async def ensure_holders(self) -> None:
         """A ``SnapshotHolder`` on every node the plan keeps snapshots on."""

@@ -144,15 +144,16 @@ class StageActor(Actor):
         """The link address of the device holding each virtual stage (index = stage)."""
         self.links = list(links)
 
-    async def join_replicas(self, host: str, port: int, prefix: str, rank: int, size: int,
+    async def join_replicas(self, host: str, port: int, prefix: str, size: int,
                             timeout: float = 60.0) -> None:
-        """Join the process group of this device's copies in every replica (rendezvous
-        at the driver's store ``host:port``; every member must call it at once). Its
-        gradients are averaged over the group before each optimizer step."""
+        """Join the process group of this device's copies in every replica, as rank
+        ``replica`` (rendezvous at the driver's store ``host:port``; every member must
+        call it at once). Its gradients are averaged over the group before each
+        optimizer step."""
         bind = "127.0.0.1"
         if self.node.address.startswith("tcp://"):
             bind, _ = parse_tcp(self.node.address)
-        group = await to_thread(join_group, host, port, prefix, rank, size,
+        group = await to_thread(join_group, host, port, prefix, self.replica, size,
                                 str(self.device), bind, timeout)
 
         def install() -> None:
