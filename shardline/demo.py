@@ -20,7 +20,10 @@ __all__ = ["add_arguments", "demo_command"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", type=int, default=2, help="pipeline stages (default 2)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes (default: one per stage)")
+                        help="worker processes (default: one per stage and replica)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="copies of the pipeline, each step's batch split across them "
+                        "and their gradients averaged (default 1)")
     parser.add_argument("--schedule", default="1f1b",
                         help="gpipe | 1f1b | interleaved-1f1b (default 1f1b)")
     parser.add_argument("--microbatches", type=int, default=4)
@@ -36,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def demo_command(args: argparse.Namespace) -> int:
     from . import run
 
-    if args.stages < 1 or args.microbatches < 1 or args.batch < 1:
-        sys.stderr.write("shardline demo: --stages, --microbatches and --batch must be "
-                         ">= 1\n")
+    if args.stages < 1 or args.microbatches < 1 or args.batch < 1 or args.replicas < 1:
+        sys.stderr.write("shardline demo: --stages, --replicas, --microbatches and --batch "
+                         "must be >= 1\n")
         return 2
     try:
         run(_demo(args, sys.stdout))
@@ -61,17 +64,21 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> None:
     from .models import Pipeline, gpt, schedules
 
     config = {"blocks": 4, "dim": 128, "heads": 4, "seq": 64, "vocab": 256}
-    workers = args.workers or args.stages
+    devices = args.stages * args.replicas
+    workers = args.workers or devices
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before any work)
     stream = gpt.batches(gpt.corpus(), args.batch, int(config["seq"]))
-    out.write(f"shardline demo: a {config['blocks']}-block GPT over {args.stages} stages "
-              f"in {workers} worker processes, {args.schedule}, "
+    copies = f" x {args.replicas} replicas" if args.replicas > 1 else ""
+    out.write(f"shardline demo: a {config['blocks']}-block GPT over {args.stages} stages"
+              f"{copies} in {workers} worker processes, {args.schedule}, "
               f"{args.microbatches} microbatches\n")
     started = time.monotonic()
     async with LocalCluster(workers) as cluster:
-        placement = [cluster.nodes[i % workers] for i in range(args.stages)]
-        pipe = await Pipeline.start(cluster.node, gpt.spec(config), placement=placement,
+        places = [cluster.nodes[i % workers] for i in range(devices)]
+        rows = [places[r * args.stages:(r + 1) * args.stages] for r in range(args.replicas)]
+        pipe = await Pipeline.start(cluster.node, gpt.spec(config), replicas=args.replicas,
+                                    placement=rows if args.replicas > 1 else rows[0],
                                     schedule=args.schedule, microbatches=args.microbatches,
                                     loss_fn="shardline.models.gpt:loss",
                                     optimizer=("torch.optim.AdamW", {"lr": 3e-3}))

@@ -138,3 +138,22 @@ async def test_a_lost_replica_stage_is_restored_from_its_sibling() -> None:
     assert losses == expected
     (record,) = stats["recoveries"]
     assert record["from"] == "replica" and record["stages"] == [1]
+
+
+async def test_the_trace_shows_the_gradient_all_reduce() -> None:
+    model = models_fixtures.layers({"n": 8}, 0, 8)
+    async with sl.Node() as node:
+        pipe = await Pipeline.start(node, model, stages=2, replicas=2,
+                                    placement=[["cpu", "cpu"], ["cpu", "cpu"]],
+                                    microbatches=2, loss_fn=nn.functional.cross_entropy,
+                                    optimizer=OPTIMIZERS[0])
+        async with pipe.trace() as trace:
+            await pipe.train_step(*batches(1)[0])
+        await pipe.stop()
+    (step,) = trace.steps
+    assert step.n_devices == 4   # replica-major: r0 d0, r0 d1, r1 d0, r1 d1
+    assert step.label(3) == "replica 1 device 1"
+    reduced = {s.device for s in step.spans if s.kind == "allreduce"}
+    assert reduced == {0, 1, 2, 3}
+    chrome = trace.to_chrome()
+    assert any(e.get("cat") == "allreduce" for e in chrome["traceEvents"])

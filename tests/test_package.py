@@ -45,7 +45,8 @@ def test_console_script_version() -> None:
 
 
 # Short runs of the long examples: enough to exercise every code path.
-EXAMPLE_ARGS = {"train_gpt.py": ["--steps", "3", "--dim", "32", "--blocks", "2"],
+EXAMPLE_ARGS = {"train_gpt.py": ["--steps", "3", "--dim", "32", "--blocks", "2",
+                                 "--replicas", "2"],
                 "custom_actor_service.py": ["--check"]}
 
 

@@ -261,7 +261,8 @@ class Scheduler(Actor):
                 spans += commits[dev.key]
                 devices.append(spans)
             self._records.append({"step": step, "what": "train", "start": started,
-                                  "end": time.time(), "devices": devices})
+                                  "end": time.time(), "devices": devices,
+                                  "replicas": plan.replicas})
 
     async def _each(self, call: Any, doing: str = "") -> dict[Key, Any]:
         """``call(dev, ref)`` on every device at once; the first failure, as a

@@ -37,10 +37,19 @@ class StepTrace:
     """When the scheduler sent the step out and got the last result back."""
     end: float
     spans: tuple[TraceSpan, ...] = field(repr=False)
+    replicas: int = 1
+    """Copies of the pipeline: device ``d`` is device ``d % (n_devices / replicas)`` of
+    replica ``d // (n_devices / replicas)``."""
 
     @property
     def n_devices(self) -> int:
         return 1 + max((s.device for s in self.spans), default=-1)
+
+    def label(self, device: int) -> str:
+        if self.replicas <= 1:
+            return f"device {device}"
+        per = max(1, self.n_devices // self.replicas)
+        return f"replica {device // per} device {device % per}"
 
     def durations(self) -> dict[tuple[int, str, int], float]:
         """Compute time of each ``F``, ``B``, ``I`` and ``W``, keyed ``(stage, kind, mb)``:
@@ -86,7 +95,7 @@ class Trace:
                           for d, device_spans in enumerate(r["devices"])
                           for s, k, mb, t0, t1 in device_spans)
             steps.append(StepTrace(int(r["step"]), str(r["what"]), float(r["start"]),
-                                   float(r["end"]), spans))
+                                   float(r["end"]), spans, int(r.get("replicas", 1))))
         return Trace(steps)
 
     def to_chrome(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -96,9 +105,10 @@ class Trace:
         origin = min((s.start for s in self.steps), default=0.0)
         events: list[dict[str, Any]] = []
         devices = max((s.n_devices for s in self.steps), default=0)
+        labels = self.steps[-1] if self.steps else StepTrace(0, "", 0.0, 0.0, ())
         for d in range(devices):
             events.append({"name": "process_name", "ph": "M", "pid": d, "tid": 0,
-                           "args": {"name": f"device {d}"}})
+                           "args": {"name": labels.label(d)}})
         events.append({"name": "process_name", "ph": "M", "pid": devices, "tid": 0,
                        "args": {"name": "scheduler"}})
         for step in self.steps:
@@ -135,9 +145,13 @@ class Trace:
 
 
 _COLORS = {"F": "#4C72B0", "B": "#55A868", "I": "#64B5CD", "W": "#CCB974",
-           "opt": "#8172B2", "send": "#DD8452"}
+           "opt": "#8172B2", "send": "#DD8452", "allreduce": "#C44E52",
+           "snapshot": "#937860"}
 _LABELS = {"F": "forward", "B": "backward", "I": "input gradient (I)",
-           "W": "weight gradient (W)", "opt": "optimizer", "send": "send"}
+           "W": "weight gradient (W)", "opt": "optimizer", "send": "send",
+           "allreduce": "gradient all-reduce", "snapshot": "snapshot copy"}
+# Drawn as thin bars under the compute: they run beside it (on other threads).
+_THIN = ("send", "allreduce")
 
 
 def to_png(trace: Trace, path: str | os.PathLike[str], *, step: int = -1,
@@ -172,22 +186,22 @@ def to_png(trace: Trace, path: str | os.PathLike[str], *, step: int = -1,
             if s.device != d or s.kind not in _COLORS:
                 continue
             x, w = (s.start - t0) * 1e3, max((s.end - s.start) * 1e3, width / 2000)
-            if s.kind == "send":
-                ax.broken_barh([(x, w)], (row + 0.1, 0.12), facecolors=_COLORS["send"])
+            if s.kind in _THIN:
+                ax.broken_barh([(x, w)], (row + 0.1, 0.12), facecolors=_COLORS[s.kind])
                 continue
             ax.broken_barh([(x, w)], (row + 0.1, 0.8), facecolors=_COLORS[s.kind],
                            edgecolors="white", linewidth=0.5)
             if s.kind in _COMPUTE and w > width / 60:
                 ax.text(x + w / 2, row + 0.5, str(s.mb), ha="center", va="center",
                         color="white", fontsize=8)
-    ax.set_yticks([n - 1 - d + 0.5 for d in range(n)], [f"device {d}" for d in range(n)])
+    ax.set_yticks([n - 1 - d + 0.5 for d in range(n)], [st.label(d) for d in range(n)])
     ax.set_xlim(0, width)
     ax.set_ylim(0, n)
     ax.set_xlabel("ms since the step started")
     ax.set_title(title or f"{st.what} step {st.step}: bubble {st.bubble_fraction():.0%}")
     ran = {s.kind for s in st.spans}
     handles = [Patch(facecolor=_COLORS[k], label=_LABELS[k])
-               for k in (*_COMPUTE, "opt", "send") if k in ran]
+               for k in (*_COMPUTE, "opt", "snapshot", *_THIN) if k in ran]
     handles.append(Patch(facecolor="#fbe3e3", edgecolor="#d9534f", hatch="///",
                          label="idle (bubble)"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.25),
