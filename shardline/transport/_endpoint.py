@@ -370,8 +370,8 @@ class Endpoint:
             ping = now - last_ping >= self.heartbeat_interval
             if ping:
                 last_ping = now
-                if self._outgoing is not None:
-                    self._outgoing.sweep(now)
+            if self._outgoing is not None:
+                self._outgoing.sweep(now, self.awake_since)
             for peer in list(self._peers.values()):
                 silent = now - max(peer.last_seen, self.awake_since)
                 if silent > self.peer_timeout:

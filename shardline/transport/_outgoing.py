@@ -70,9 +70,15 @@ class _Client:
             self.progress_at = now
             self.refused = 0
 
-    @property
     def in_socket(self) -> int:
-        return self.sent - self.released
+        """Bytes ZeroMQ still holds. Reads only: statistics may run on another thread
+        (a Prometheus scrape), so nothing is popped here."""
+        released = self.released
+        for tracker, sent in list(self.marks):
+            if not tracker.done:
+                break
+            released = sent
+        return self.sent - released
 
     @property
     def queued(self) -> int:
@@ -196,10 +202,15 @@ class Outgoing:
                 moved = True
             if not backlog:
                 self._backlogged.discard(route)
-            elif client.refused and now - max(client.progress_at, awake_since) \
-                    > self.stall_timeout:
+            elif self._stalled(client, now, awake_since):
                 self._drop(route, client, now)
         return moved
+
+    def _stalled(self, client: _Client, now: float, awake_since: float) -> bool:
+        """Over its budget (a reply was refused) and nothing read for stall_timeout,
+        not counting a stall of this node's own loop."""
+        return bool(client.refused) and not client.dropped and \
+            now - max(client.progress_at, awake_since) > self.stall_timeout
 
     def _drop(self, route: bytes, client: _Client, now: float) -> None:
         log.warning("dropped a client that read nothing for %.1f s with %d bytes of replies "
@@ -215,21 +226,21 @@ class Outgoing:
         self._clients.pop(route, None)
         self._backlogged.discard(route)
 
-    def sweep(self, now: float) -> None:
-        """Forget clients with nothing queued that were silent for a while."""
+    def sweep(self, now: float, awake_since: float) -> None:
+        """Drop clients that stalled over their budget; forget clients with nothing
+        queued that were silent for a while. Runs with the heartbeats."""
         for route, client in list(self._clients.items()):
             if client.marks:
                 client.release(now)
-            if not client.marks and not client.backlog and now - client.last_send > _IDLE:
+            if self._stalled(client, now, awake_since):
+                self._drop(route, client, now)
+            elif not client.marks and not client.backlog and now - client.last_send > _IDLE:
                 del self._clients[route]
 
     def statistics(self) -> dict[str, int]:
-        now = time.monotonic()
         in_socket = backlog = 0
         for client in list(self._clients.values()):
-            if client.marks:
-                client.release(now)
-            in_socket += client.in_socket
+            in_socket += client.in_socket()
             backlog += client.backlog_bytes
         return {
             "clients": len(self._clients),
