@@ -209,6 +209,35 @@ async def test_a_closed_connection_is_noticed_without_a_parent() -> None:
             assert (await s.wait_stopped()).reason is sl.StopReason.NODE_LOST
 
 
+async def test_a_supervisor_names_the_cause_of_a_loss() -> None:
+    """What a parent that saw its worker die (LocalCluster, shardline run) does: the
+    cause it names reaches pending asks, and later asks to the dead node."""
+    with anyio.fail_after(30):
+        async with sl.Node(peer_timeout=60.0) as driver:
+            address = f"tcp://127.0.0.1:{_free_port()}"
+            proc = await _start_worker(address)
+            try:
+                s = await (await driver.connect(address)).spawn(
+                    "tests.actors_fixtures:Sleeper")
+                errors: list[BaseException] = []
+
+                async def pending() -> None:
+                    errors.append(await _failure(s, "hang"))
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(pending)
+                    await _until(lambda: len(driver.peers()[0].pending) == 1)
+                    proc.kill()
+                    proc.wait()
+                    driver._declare_lost(address, sl.NodeLost("worker 0 was killed by SIGKILL"))
+            finally:
+                _reap(proc)
+            assert [str(e) for e in errors] == ["worker 0 was killed by SIGKILL"]
+            error = await _failure(s, "stats")
+            assert isinstance(error, sl.NodeLost)
+            assert str(error).startswith("worker 0 was killed by SIGKILL; reconnecting failed")
+
+
 async def test_a_connection_dropped_by_a_live_node_is_reconnected() -> None:
     """The worker drops the connection (a frame over its max_frame_size): the ask sent
     on it fails with NodeLost, and the next one reconnects to the same node."""

@@ -346,10 +346,14 @@ class Endpoint:
 
     def declare_lost(self, address: str, error: NodeLost) -> None:
         """Fail the live peer at ``address``, if any, with ``error`` (its process is
-        known to have ended)."""
-        peer = self._peers.get(split_key(address)[0])
+        known to have ended). If it was lost already, later reconnects name ``error``
+        as the reason."""
+        base = split_key(address)[0]
+        peer = self._peers.get(base)
         if peer is not None:
             peer.fail(error)
+        elif base in self._lost:
+            self._lost[base] = str(error)
 
     def peers(self) -> list[Peer]:
         return list(self._peers.values())

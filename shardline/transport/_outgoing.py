@@ -143,9 +143,10 @@ class Outgoing:
         except zmq.Again:
             return False  # at the high-water mark (in messages): wait in the backlog
         except zmq.ZMQError as exc:
-            if exc.errno != _EHOSTUNREACH:
-                raise
-            self._forget(route)  # the client disconnected: nobody to answer
+            if exc.errno == _EHOSTUNREACH:
+                self._forget(route)  # the client disconnected: nobody to answer
+            else:  # the socket is closing: the node is shutting down
+                log.debug("reply not sent: %s", exc)
             return True
         client.sent += n
         client.last_send = now

@@ -28,11 +28,14 @@ log = logging.getLogger("shardline.transport")
 _HANDSHAKE_FAILED = frozenset({int(zmq.EVENT_HANDSHAKE_FAILED_AUTH),
                                int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL),
                                int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)})
-_CONNECTED = int(zmq.EVENT_CONNECTED)
+_HANDSHAKE_SUCCEEDED = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
 _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
 _CONNECT_RETRIED = int(zmq.EVENT_CONNECT_RETRIED)
+# A closed connection fails the peer after this long, so that a supervisor that knows
+# why the process ended (Node._declare_lost) can name the cause to the pending asks.
+DISCONNECT_GRACE = 0.2
 _MONITORED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_CONNECTED
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED
               | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
 
 
@@ -62,10 +65,11 @@ class Peer:
         self._window_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._connected = False
+        self._established = False  # a ZMTP handshake succeeded
         # Set during a reconnect: a refused connection then means the node is gone,
         # while a first connect waits (the node may still be starting).
         self._refused_is_lost = False
+        self._closing: asyncio.TimerHandle | None = None  # a closed connection's fail
         self._monitor: LoopSocket | None = None
         dealer = endpoint.context.socket(zmq.DEALER)
         monitor: zmq.Socket[Any] | None = None
@@ -196,19 +200,25 @@ class Peer:
 
     def _on_monitor(self, frames: list[Any]) -> None:
         event = int(parse_monitor_message(frames)["event"])
-        if event in _HANDSHAKE_FAILED:
+        if event in _HANDSHAKE_FAILED and self._refused_is_lost and not self._established:
+            # Reconnecting to a lost node's address: whatever answers there now is not
+            # that node (a loopback connect to a free ephemeral port can even reach
+            # itself, which fails the handshake).
+            self.fail(NodeLost(f"no node answers at {self.address} any more (the "
+                               "connection handshake failed)"))
+        elif event in _HANDSHAKE_FAILED:
             self.fail(Unauthorized(
                 f"node {self.address} refused the CURVE handshake (no key, a key it does not "
                 "allow, or a security mechanism that does not match its own)"))
-        elif event == _CONNECTED:
-            self._connected = True
-        elif event == _DISCONNECTED:
+        elif event == _HANDSHAKE_SUCCEEDED:
+            self._established = True
+        elif event == _DISCONNECTED and self._closing is None:
             # Replies to requests sent on this connection can no longer arrive: the
             # node answers on the connection a request came in on.
-            self.fail(NodeLost(
+            self._closing = self._loop.call_later(DISCONNECT_GRACE, self.fail, NodeLost(
                 f"the connection to node {self.address} closed (its process ended, or it "
                 "dropped the connection)"))
-        elif event == _CONNECT_RETRIED and self._refused_is_lost and not self._connected:
+        elif event == _CONNECT_RETRIED and self._refused_is_lost and not self._established:
             self.fail(NodeLost(f"nothing listens at {self.address} any more "
                                "(connection refused)"))
 
@@ -249,6 +259,8 @@ class Peer:
         if self.is_lost:
             return
         self.is_lost = True
+        if self._closing is not None:
+            self._closing.cancel()
         self.lost_reason = str(error)
         self.lost.set()
         self._stop_monitor()
