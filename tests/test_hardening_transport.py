@@ -5,12 +5,14 @@ sockets throughout; raw pyzmq where a test needs a misbehaving peer."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -35,6 +37,25 @@ async def _failure(ref: sl.ActorRef, method: str, *args: Any) -> BaseException:
     raise AssertionError(f"{method} succeeded")
 
 
+async def _kill_while_asked(driver: sl.Node, ref: sl.ActorRef, proc: subprocess.Popen[str],
+                            asks: int, then: Callable[[], object] = lambda: None,
+                            ) -> list[BaseException]:
+    """Kill ``proc`` (the node of ``ref``, a Sleeper) while ``asks`` hang on it, run
+    ``then()`` at once, and return what the asks raised."""
+    errors: list[BaseException] = []
+
+    async def pending() -> None:
+        errors.append(await _failure(ref, "hang"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(asks):
+            tg.start_soon(pending)
+        await _until(lambda: len(driver.peers()[0].pending) == asks)
+        proc.kill()
+        then()
+    return errors
+
+
 # -- defect 1: a node restarted at the same address is a new node ---------------------
 
 async def test_a_fast_restart_at_the_same_address_fails_pending_asks() -> None:
@@ -44,20 +65,18 @@ async def test_a_fast_restart_at_the_same_address_fails_pending_asks() -> None:
         async with sl.Node(peer_timeout=60.0) as driver:
             address = f"tcp://127.0.0.1:{_free_port()}"
             first = await _start_worker(address)
-            second = None
+            restarted: list[subprocess.Popen[str]] = []
             try:
                 worker = await driver.connect(address)
                 s = await worker.spawn("tests.actors_fixtures:Sleeper", name="s")
-                errors: list[BaseException] = []
 
-                async def pending() -> None:
-                    errors.append(await _failure(s, "hang"))
+                async def restart() -> None:  # same port, at once
+                    restarted.append(await _start_worker(address))
 
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(pending)
-                    await _until(lambda: len(driver.peers()[0].pending) == 1)
-                    first.kill()
-                    second = await _start_worker(address)  # same port, at once
+                    errors = await _kill_while_asked(driver, s, first, 1,
+                                                     lambda: tg.start_soon(restart))
+                assert len(restarted) == 1
                 assert isinstance(errors[0], sl.NodeLost), errors
                 # The old actor died with its process, whoever listens there now.
                 error = await _failure(s, "stats")
@@ -69,9 +88,8 @@ async def test_a_fast_restart_at_the_same_address_fails_pending_asks() -> None:
                     "tests.actors_fixtures:Counter", 1, name="s")
                 assert await fresh.incr() == 2
             finally:
-                _reap(first)
-                if second is not None:
-                    _reap(second)
+                for proc in (first, *restarted):
+                    _reap(proc)
 
 
 async def test_a_pong_from_another_node_at_the_address_fails_the_peer() -> None:
@@ -178,27 +196,25 @@ async def test_a_lost_peer_that_is_alive_is_reconnected() -> None:
 
 # -- issue 11: a closed connection is noticed at once, without a parent ------------------
 
+@contextlib.asynccontextmanager
+async def _sleeper_worker(driver: sl.Node) -> AsyncIterator[tuple[
+        str, subprocess.Popen[str], sl.ActorRef]]:
+    """A worker process (no parent watching it) with a Sleeper the driver can call."""
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    proc = await _start_worker(address)
+    try:
+        s = await (await driver.connect(address)).spawn("tests.actors_fixtures:Sleeper")
+        yield address, proc, s
+    finally:
+        _reap(proc)
+
+
 async def test_a_closed_connection_is_noticed_without_a_parent() -> None:
     with anyio.fail_after(30):
         # peer_timeout far beyond the test's limit: heartbeats cannot be what notices.
         async with sl.Node(peer_timeout=60.0) as driver:
-            address = f"tcp://127.0.0.1:{_free_port()}"
-            proc = await _start_worker(address)
-            try:
-                s = await (await driver.connect(address)).spawn(
-                    "tests.actors_fixtures:Sleeper")
-                errors: list[BaseException] = []
-
-                async def pending() -> None:
-                    errors.append(await _failure(s, "hang"))
-
-                async with anyio.create_task_group() as tg:
-                    for _ in range(2):
-                        tg.start_soon(pending)
-                    await _until(lambda: len(driver.peers()[0].pending) == 2)
-                    proc.kill()
-            finally:
-                _reap(proc)
+            async with _sleeper_worker(driver) as (_, proc, s):
+                errors = await _kill_while_asked(driver, s, proc, 2)
             assert len(errors) == 2
             for error in errors:
                 assert isinstance(error, sl.NodeLost)
@@ -214,24 +230,13 @@ async def test_a_supervisor_names_the_cause_of_a_loss() -> None:
     cause it names reaches pending asks, and later asks to the dead node."""
     with anyio.fail_after(30):
         async with sl.Node(peer_timeout=60.0) as driver:
-            address = f"tcp://127.0.0.1:{_free_port()}"
-            proc = await _start_worker(address)
-            try:
-                s = await (await driver.connect(address)).spawn(
-                    "tests.actors_fixtures:Sleeper")
-                errors: list[BaseException] = []
+            async with _sleeper_worker(driver) as (address, proc, s):
 
-                async def pending() -> None:
-                    errors.append(await _failure(s, "hang"))
-
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(pending)
-                    await _until(lambda: len(driver.peers()[0].pending) == 1)
-                    proc.kill()
+                def supervisor_sees_it() -> None:
                     proc.wait()
                     driver._declare_lost(address, sl.NodeLost("worker 0 was killed by SIGKILL"))
-            finally:
-                _reap(proc)
+
+                errors = await _kill_while_asked(driver, s, proc, 1, supervisor_sees_it)
             assert [str(e) for e in errors] == ["worker 0 was killed by SIGKILL"]
             error = await _failure(s, "stats")
             assert isinstance(error, sl.NodeLost)
