@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from .actors._looplag import BUCKETS as LAG_BUCKETS
+
 if TYPE_CHECKING:
     from .actors._node import Node
 
@@ -24,7 +26,9 @@ _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.
 
 class NodeMetrics:
     """Per actor: messages in, replies out, mailbox depth; ask latency (histogram);
-    per peer: bytes sent and received; peers alive. ``text()`` is the exposition."""
+    per peer: bytes sent and received; peers alive; the event loop's lag (histogram);
+    replies queued toward clients, refused and clients dropped. ``text()`` is the
+    exposition."""
 
     def __init__(self, node: Node) -> None:
         try:
@@ -82,13 +86,10 @@ class NodeMetrics:
         yield msgs
         yield replies
         yield depth
-        running, buckets = 0, []
-        for bound, count in zip((*_BUCKETS, float("inf")), self._counts, strict=True):
-            running += count
-            buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
         yield HistogramMetricFamily("shardline_ask_seconds",
                                     "Ask round trips made from this node (local and remote)",
-                                    buckets=buckets, sum_value=self._sum)
+                                    buckets=_cumulative(_BUCKETS, self._counts),
+                                    sum_value=self._sum)
         peers = node.peers()
         sent = CounterMetricFamily("shardline_peer_bytes_sent",
                                    "Bytes sent on the connection to a peer", labels=["peer"])
@@ -102,3 +103,30 @@ class NodeMetrics:
         yield received
         yield GaugeMetricFamily("shardline_peers_alive", "Connections to live peers",
                                 value=sum(1 for p in peers if not p.is_lost))
+        lag = node.loop_lag
+        yield HistogramMetricFamily(
+            "shardline_loop_lag_seconds",
+            "How late the node's event loop ran a timer (a long synchronous call shows here)",
+            buckets=_cumulative(LAG_BUCKETS, lag.counts), sum_value=lag.total)
+        yield GaugeMetricFamily("shardline_loop_lag_max_seconds",
+                                "Largest event loop lag since the node started", value=lag.max)
+        endpoint = node._endpoint
+        out = None if endpoint is None else endpoint.outgoing_statistics()
+        if out is not None:
+            yield GaugeMetricFamily("shardline_outgoing_queued_bytes",
+                                    "Bytes of replies queued toward clients, not yet written",
+                                    value=out["queued_bytes"])
+            yield CounterMetricFamily("shardline_outgoing_replies_refused",
+                                      "Replies answered with an error: their client had "
+                                      "max_queued_bytes unread", value=out["replies_refused"])
+            yield CounterMetricFamily("shardline_outgoing_clients_dropped",
+                                      "Clients dropped for reading nothing while over "
+                                      "max_queued_bytes", value=out["clients_dropped"])
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
+    running, buckets = 0, []
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+        running += count
+        buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
+    return buckets

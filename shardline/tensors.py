@@ -12,8 +12,8 @@ from typing import Any
 import msgpack
 import torch
 
-from ._errors import SerializationError
-from .transport._codec import EXT_TENSOR, packb, register_ext
+from ._errors import ProtocolError, SerializationError
+from .transport._codec import EXT_TENSOR, descriptor_buffer, packb, register_ext
 
 __all__ = ["decode_tensor", "encode_tensor"]
 
@@ -49,11 +49,11 @@ def encode_tensor(t: torch.Tensor, buffers: list[Any]) -> bytes:
 
 def decode_tensor(payload: bytes, buffers: Sequence[Any]) -> torch.Tensor:
     name, shape, index = msgpack.unpackb(payload)
-    dtype = _DTYPES.get(name)
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise ValueError(f"unknown torch dtype {name!r}")
-    buf = buffers[index]
-    if len(memoryview(buf)) == 0:
+        raise ProtocolError(f"unknown torch dtype {name!r:.60}")
+    buf = descriptor_buffer("tensor", shape, index, dtype.itemsize, buffers)
+    if memoryview(buf).nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
 

@@ -136,8 +136,8 @@ class ActorCell:
                 log.error("on_stop of actor %s took over %.1f s; abandoned",
                           self.label, self._stop_timeout)
         self._stop_info = reason
+        self._stopped.set()  # waiters resume later, after the node has forgotten the cell
         self.node._forget(self)
-        self._stopped.set()
 
     def _fail_queued(self) -> None:
         while True:
@@ -176,6 +176,11 @@ class ActorCell:
     @property
     def stopped(self) -> bool:
         return self._stopped.is_set()
+
+    @property
+    def stop_info(self) -> StopInfo | None:
+        """Why the actor stopped, once it has."""
+        return self._stop_info if self._stopped.is_set() else None
 
     def statistics(self) -> dict[str, Any]:
         stats = self._recv.statistics()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -13,12 +13,22 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
-from .._errors import ActorNameTaken, ActorNotFound
-from ..transport import EXT_REF, Codec, Endpoint, KeyPair, Limits, Peer, new_node_id
+from .._errors import ActorNameTaken, ActorNotFound, ActorStopped, NodeLost
+from ..transport import (
+    EXT_REF,
+    Codec,
+    Endpoint,
+    KeyPair,
+    Limits,
+    Peer,
+    new_node_id,
+    parse_tcp,
+)
 from ..transport import load_allow_keys as _load_allow_keys
 from ._actor import Actor
 from ._cell import ActorCell
-from ._lifecycle import OnError, RestartPolicy
+from ._lifecycle import OnError, RestartPolicy, StopInfo, StopReason
+from ._looplag import LoopLag
 from ._mesh import ActorMesh, spawn_many
 from ._ref import ActorRef
 from ._remote import RemoteNode, decode_ref, encode_ref, serve_request
@@ -29,6 +39,10 @@ if TYPE_CHECKING:
 __all__ = ["Node"]
 
 log = logging.getLogger("shardline.actors")
+
+# How many stopped actors a node remembers, with why they stopped: enough for calls,
+# watches and stops that race with the stop to get the same answers as in-process.
+STOPPED_RECORD = 4096
 
 
 class Node:
@@ -43,6 +57,9 @@ class Node:
 
     Leaving the block stops every actor gracefully (``on_stop`` runs); an actor still
     busy after ``stop_timeout`` seconds is cancelled.
+
+    ``max_queued_bytes`` bounds the replies queued toward any one client connection
+    (see docs/wire-protocol.md, "Backpressure on replies").
     """
 
     def __init__(self, listen: str | None = None, *, allow: Iterable[str] = (),
@@ -53,7 +70,16 @@ class Node:
                  heartbeat_interval: float | None = None, connect_timeout: float = 10.0,
                  max_header_size: int = 16 << 20, max_frames: int = 1024,
                  max_frame_size: int = 1 << 30, stop_timeout: float = 5.0,
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, max_queued_bytes: int = 256 << 20) -> None:
+        # Addresses are checked here, so a bad one is a ValueError before any socket.
+        for what, value in (("listen", listen), ("advertise", advertise)):
+            if value is not None:
+                try:
+                    parse_tcp(value)
+                except ValueError as exc:
+                    raise ValueError(f"bad {what} address: {exc}") from None
+        if max_queued_bytes < 1:
+            raise ValueError(f"max_queued_bytes must be >= 1, got {max_queued_bytes}")
         self.node_id = new_node_id()
         self.address = f"inproc://{self.node_id}"
         self.listen = listen
@@ -71,6 +97,8 @@ class Node:
         self.connect_timeout = connect_timeout
         self.limits = Limits(max_header_size, max_frames, max_frame_size)
         self.stop_timeout = stop_timeout
+        self.max_queued_bytes = max_queued_bytes
+        self.loop_lag = LoopLag()
         # Prometheus metrics of this node's actors and peers (imported only when asked)
         self.metrics: NodeMetrics | None = None
         if metrics:
@@ -78,9 +106,11 @@ class Node:
 
             self.metrics = _NodeMetrics(self)
         # Random start: a node restarted on the same address never reuses an id that a
-        # ref from its previous life could still name.
-        self._ids = itertools.count(random.getrandbits(31) << 16)
+        # ref from its previous life could still name. Ids are handed out in order, so
+        # [first, next) is every id this node ever gave.
+        self._first_id = self._next_id = random.getrandbits(31) << 16
         self._cells: dict[int, ActorCell] = {}
+        self._stopped: OrderedDict[int, tuple[str, StopInfo]] = OrderedDict()
         self._names: dict[str, ActorCell | None] = {}  # None: reserved while starting
         self._tg: TaskGroup | None = None
         self._endpoint: Endpoint | None = None
@@ -92,6 +122,7 @@ class Node:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        tg.start_soon(self.loop_lag.run, name="loop lag")
         if self.listen is not None:
             try:
                 endpoint = self._ensure_endpoint()
@@ -114,7 +145,7 @@ class Node:
                 self.node_id, lambda msg, reply: serve_request(self, msg, reply), codec,
                 limits=self.limits, peer_timeout=self.peer_timeout,
                 heartbeat_interval=self.heartbeat_interval, keys=self.keys,
-                allow_keys=self.allow_keys)
+                allow_keys=self.allow_keys, max_queued_bytes=self.max_queued_bytes)
             self._endpoint.start(self._tg)
         return self._endpoint
 
@@ -163,12 +194,15 @@ class Node:
             raise RuntimeError("spawn() needs a running node: use 'async with Node() as node'")
         if not (isinstance(cls, type) and issubclass(cls, Actor)):
             raise TypeError(f"spawn() needs a subclass of shardline.Actor, got {cls!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"an actor name must be a string, got {type(name).__name__}")
         if name is not None:
             if name in self._names:
                 raise ActorNameTaken(f"an actor named {name!r} already lives on this node")
             self._names[name] = None
         try:
-            actor_id = next(self._ids)
+            actor_id = self._next_id
+            self._next_id += 1
             ref = ActorRef(self.address, actor_id, name, None)  # type: ignore[arg-type]
             cell = ActorCell(self, ref, cls, args, kwargs, mailbox_size=mailbox_size,
                              on_error=on_error, policy=RestartPolicy(max_restarts, within),
@@ -217,14 +251,48 @@ class Node:
         endpoint = self._ensure_endpoint()
         return await endpoint.peer(address, timeout=timeout or self.connect_timeout)
 
+    def _cached_peer(self, address: str) -> Peer | None:
+        return None if self._endpoint is None else self._endpoint.cached_peer(address)
+
+    def _declare_lost(self, address: str, error: NodeLost) -> None:
+        """Fail the live connection to ``address``, if any, with ``error``: every pending
+        ask to it fails at once. For a supervisor that knows the node's process ended;
+        the next use of the address reconnects (and fails if nothing answers)."""
+        if self._endpoint is not None:
+            self._endpoint.declare_lost(address, error)
+
     def _cell(self, actor_id: Any) -> ActorCell:
+        """The live actor ``actor_id``; ``ActorStopped`` if it lived here and stopped,
+        ``ActorNotFound`` if this node never had it."""
         cell = self._cells.get(actor_id)
         if cell is None:
+            stopped = self._stopped.get(actor_id)
+            if stopped is not None:
+                label, info = stopped
+                why = "" if info.reason is StopReason.STOPPED else (
+                    f" ({info.reason.value}: {info.error})")
+                raise ActorStopped(f"actor {label} has stopped{why}")
+            if self._ever_spawned(actor_id):
+                raise ActorStopped(f"actor #{actor_id} has stopped")
             raise ActorNotFound(f"no actor #{actor_id} on node {self.address}")
         return cell
 
     def _cell_or_none(self, actor_id: Any) -> ActorCell | None:
         return self._cells.get(actor_id)
+
+    def _stop_info(self, actor_id: Any) -> StopInfo | None:
+        """Why actor ``actor_id`` stopped, if it did and is still remembered. An actor
+        that stopped so long ago that it was forgotten reports a plain ``STOPPED``."""
+        stopped = self._stopped.get(actor_id)
+        if stopped is not None:
+            return stopped[1]
+        if self._ever_spawned(actor_id) and actor_id not in self._cells:
+            return StopInfo(StopReason.STOPPED)
+        return None
+
+    def _ever_spawned(self, actor_id: Any) -> bool:
+        return (isinstance(actor_id, int) and not isinstance(actor_id, bool)
+                and self._first_id <= actor_id < self._next_id)
 
     def _start_task(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """Run ``fn(*args)`` in the node's task group. A failure is logged, never allowed
@@ -254,18 +322,29 @@ class Node:
         return [cell.ref for cell in self._cells.values()]
 
     def statistics(self) -> dict[str, Any]:
-        """A snapshot for dashboards and debugging: one entry per live actor."""
+        """A snapshot for dashboards and debugging: one entry per live actor and per
+        peer; the event loop's lag (seconds; see ``LoopLag.statistics``); and, on a
+        listening node, the replies queued toward its clients."""
+        endpoint = self._endpoint
         return {
             "address": self.address,
             "actors": [cell.statistics() for cell in self._cells.values()],
             "peers": [{"address": p.address, "node_id": p.node_id, "pending": len(p.pending)}
                       for p in self.peers()],
+            "loop_lag": self.loop_lag.statistics(),
+            "outgoing": None if endpoint is None else endpoint.outgoing_statistics(),
         }
 
     def _forget(self, cell: ActorCell) -> None:
-        self._cells.pop(cell.ref.actor_id, None)
+        actor_id = cell.ref.actor_id
+        self._cells.pop(actor_id, None)
         if cell.ref.name is not None and self._names.get(cell.ref.name) is cell:
             del self._names[cell.ref.name]
+        info = cell.stop_info
+        if info is not None:
+            if len(self._stopped) >= STOPPED_RECORD:
+                self._stopped.popitem(last=False)
+            self._stopped[actor_id] = (cell.label, info)
 
     def __repr__(self) -> str:
         state = "running" if self._tg is not None else "idle"

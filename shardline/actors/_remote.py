@@ -19,10 +19,10 @@ from .._errors import (
     Unauthorized,
 )
 from .._runtime import to_thread
-from ..transport import PROTOCOL_VERSION, Peer, Reply
+from ..transport import PROTOCOL_VERSION, Peer, Reply, split_key
 from ..transport._codec import packb
 from ._actor import Actor
-from ._cell import actor_error
+from ._cell import ActorCell, actor_error
 from ._lifecycle import OnError, StopInfo, StopReason
 from ._ref import ActorRef
 
@@ -38,33 +38,52 @@ V = PROTOCOL_VERSION
 
 
 class RemoteTarget:
-    """Delivers a ref's messages to an actor on another node."""
+    """Delivers a ref's messages to an actor on another node.
 
-    __slots__ = ("_actor_id", "_address", "_bound", "_node")
+    The actor lives as long as its node's process, which a node id names. The ref uses
+    a connection to that node while it lasts; once it is lost (closed, silent, or the
+    node declared lost), the next message reconnects: the same node id (the process
+    was frozen, or the loop of either side stalled) and the ref works again; another
+    node id (a new process at the address) and the ref is dead for good.
+    """
 
-    def __init__(self, node: Node, address: str, actor_id: int) -> None:
+    __slots__ = ("_actor_id", "_address", "_bound", "_gone", "_node", "_node_id")
+
+    def __init__(self, node: Node, address: str, actor_id: int,
+                 node_id: str | None = None) -> None:
         self._node = node
         self._address = address
         self._actor_id = actor_id
-        # The connection this ref first used. An actor dies with its node's process, so
-        # once that connection is lost the ref stays dead, even if a new node later
-        # listens on the same address (its actors have other ids).
+        self._node_id = node_id  # the node the actor lives on, once known
         self._bound: Peer | None = None
+        self._gone: str | None = None  # why the actor is known to be gone for good
 
-    async def _peer(self) -> Peer:
-        peer = self._bound
-        if peer is None:
-            peer = self._bound = await self._node._peer(self._address)
-        if peer.is_lost:
-            raise NodeLost(f"node {self._address} was lost ({peer.lost_reason}); "
-                           f"actor #{self._actor_id} is gone")
+    async def _peer(self, timeout: float | None = None) -> Peer:
+        """The live connection to the actor's node, reconnecting if it was lost."""
+        if self._gone is not None:
+            raise NodeLost(self._gone)
+        bound = self._bound
+        if bound is not None and not bound.is_lost:
+            return bound
+        peer = await self._node._peer(self._address, timeout)
+        assert peer.node_id is not None
+        if self._node_id is None:
+            self._node_id = peer.node_id
+        elif peer.node_id != self._node_id:
+            self._bound = None
+            self._gone = (f"node {self._node_id} at {self._address} was lost"
+                          + (f" ({bound.lost_reason})" if bound is not None else "")
+                          + f"; node {peer.node_id} listens there now, so actor "
+                          f"#{self._actor_id} is gone")
+            raise NodeLost(self._gone)
+        self._bound = peer
         return peer
 
     async def ask(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                   timeout: float | None) -> Any:
         peer = self._bound
         if peer is None or peer.is_lost:
-            peer = await self._peer()
+            peer = await self._peer(timeout)
         header = {"v": V, "k": "call", "to": self._actor_id, "m": method, "a": args,
                   "kw": kwargs}
         metrics = self._node.metrics
@@ -91,21 +110,26 @@ class RemoteTarget:
             return  # a lost node's actors are as stopped as they get
 
     async def wait_stopped(self) -> StopInfo:
-        try:
-            peer = await self._peer()
-            info = await peer.call({"v": V, "k": "watch", "to": self._actor_id}, None)
-        except NodeLost as exc:
-            return StopInfo(StopReason.NODE_LOST, str(exc))
-        return _stop_info_from_wire(info)
+        while True:
+            try:
+                peer = await self._peer()
+            except NodeLost as exc:
+                return StopInfo(StopReason.NODE_LOST, str(exc))
+            try:
+                info = await peer.call({"v": V, "k": "watch", "to": self._actor_id}, None)
+            except NodeLost:
+                continue  # the connection was lost, not necessarily the node: ask again
+            return _stop_info_from_wire(info)
 
 
 class StoppedTarget:
     """Target of a ref to a local actor that no longer exists."""
 
-    __slots__ = ("_label",)
+    __slots__ = ("_info", "_label")
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, info: StopInfo | None = None) -> None:
         self._label = label
+        self._info = info or StopInfo(StopReason.STOPPED)
 
     async def ask(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                   timeout: float | None) -> Any:
@@ -118,7 +142,7 @@ class StoppedTarget:
         return None
 
     async def wait_stopped(self) -> StopInfo:
-        return StopInfo(StopReason.STOPPED)
+        return self._info
 
 
 def _stop_info_from_wire(info: Any) -> StopInfo:
@@ -190,8 +214,13 @@ def decode_ref(node: Node, payload: bytes, buffers: Any) -> ActorRef:
         local = node._cell_or_none(actor_id)
         if local is not None:
             return local.ref
-        return ActorRef(address, actor_id, name, StoppedTarget(name or f"#{actor_id}"))
-    return ActorRef(address, actor_id, name, RemoteTarget(node, address, actor_id))
+        return ActorRef(address, actor_id, name, StoppedTarget(name or f"#{actor_id}",
+                                                               node._stop_info(actor_id)))
+    # A ref arriving while a connection to its node is up names an actor of that node
+    # (node ids tell a restarted process from the one the actor lived in).
+    peer = node._cached_peer(split_key(address)[0])
+    node_id = None if peer is None or peer.is_lost else peer.node_id
+    return ActorRef(address, actor_id, name, RemoteTarget(node, address, actor_id, node_id))
 
 
 # -- serving this node's actors -------------------------------------------------------------
@@ -200,7 +229,7 @@ def serve_request(node: Node, msg: dict[str, Any], reply: Reply) -> None:
     """Handle one request from the network. Never blocks: slow work becomes a task."""
     kind = msg.get("k")
     if kind == "call" or kind == "tell":
-        cell = node._cell(msg.get("to"))
+        cell = node._cell(_actor_id(msg))
         method, args, kwargs = msg.get("m"), msg.get("a", []), msg.get("kw", {})
         if not isinstance(method, str) or not isinstance(args, list) or not isinstance(
                 kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
@@ -217,12 +246,59 @@ def serve_request(node: Node, msg: dict[str, Any], reply: Reply) -> None:
         if not isinstance(name, str):
             raise ProtocolError("lookup needs name: str")
         reply.set_result(node.ref(name))
-    elif kind == "stop":
-        node._start_task(_stop, node, msg, reply)
-    elif kind == "watch":
-        node._start_task(_watch, node, msg, reply)
+    elif kind == "stop" or kind == "watch":
+        actor_id = _actor_id(msg)
+        live = node._cell_or_none(actor_id)
+        if live is not None:
+            node._start_task(_stop if kind == "stop" else _watch, live, reply)
+            return
+        info = node._stop_info(actor_id)
+        if info is None:
+            raise ProtocolError(f"{kind}: node {node.address} never had an actor #{actor_id}")
+        reply.set_result(None if kind == "stop" else _stop_info_to_wire(info))
     else:
         raise ProtocolError(f"unknown message kind {kind!r}")
+
+
+def _actor_id(msg: dict[str, Any]) -> int:
+    actor_id = msg.get("to")
+    if not isinstance(actor_id, int) or isinstance(actor_id, bool):
+        raise ProtocolError(f"{msg.get('k')} needs to: int (an actor id), got {actor_id!r:.40}")
+    return actor_id
+
+
+def _stop_info_to_wire(info: StopInfo) -> dict[str, Any]:
+    return {"reason": info.reason.value, "error": info.error}
+
+
+# Spawn options a peer may send, each with its check and what it must be.
+_SPAWN_OPTIONS: dict[str, tuple[Any, str]] = {
+    "name": (lambda v: v is None or isinstance(v, str), "a string or nil"),
+    "mailbox_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "on_error": (lambda v: v in ("resume", "restart", "stop"),
+                 "one of 'resume', 'restart', 'stop'"),
+    "max_restarts": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "within": (lambda v: (_is_int(v) or isinstance(v, float)) and v > 0,
+               "a number of seconds > 0"),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _spawn_options(opt: dict[Any, Any]) -> dict[str, Any]:
+    """The known options of a spawn request, checked; unknown ones are ignored (a
+    newer peer may send more)."""
+    options = {}
+    for key, (valid, expected) in _SPAWN_OPTIONS.items():
+        if key in opt:
+            value = opt[key]
+            if not valid(value):
+                raise ProtocolError(f"spawn option {key} must be {expected}, "
+                                    f"got {value!r:.60}")
+            options[key] = value
+    return options
 
 
 async def _spawn(node: Node, msg: dict[str, Any], reply: Reply) -> None:
@@ -230,11 +306,12 @@ async def _spawn(node: Node, msg: dict[str, Any], reply: Reply) -> None:
         path, args, kwargs, opt = msg.get("cls"), msg.get("a", []), msg.get("kw", {}), msg.get(
             "opt", {})
         if not isinstance(path, str) or not isinstance(args, list) or not isinstance(
-                kwargs, dict) or not isinstance(opt, dict):
-            raise ProtocolError("spawn needs cls: str, a: array, kw: map, opt: map")
+                kwargs, dict) or not isinstance(opt, dict) or not all(
+                isinstance(k, str) for k in kwargs):
+            raise ProtocolError("spawn needs cls: str, a: array, kw: map with string keys, "
+                                "opt: map")
+        options = _spawn_options(opt)
         cls = await _import_actor(path, node.allow)
-        known = {"name", "mailbox_size", "on_error", "max_restarts", "within"}
-        options = {k: v for k, v in opt.items() if k in known}
         reply.set_result(await node.spawn(cls, *args, **options, **kwargs))
     except ShardlineError as exc:
         reply.set_exception(exc)
@@ -261,16 +338,12 @@ async def _import_actor(path: str, allow: tuple[str, ...]) -> type[Actor]:
     return obj
 
 
-async def _stop(node: Node, msg: dict[str, Any], reply: Reply) -> None:
-    cell = node._cell_or_none(msg.get("to"))
+async def _stop(cell: ActorCell, reply: Reply) -> None:
     try:
-        if cell is not None:
-            await cell.stop()
+        await cell.stop()
     finally:
         reply.set_result(None)
 
 
-async def _watch(node: Node, msg: dict[str, Any], reply: Reply) -> None:
-    cell = node._cell_or_none(msg.get("to"))
-    info = StopInfo(StopReason.STOPPED) if cell is None else await cell.wait_stopped()
-    reply.set_result({"reason": info.reason.value, "error": info.error})
+async def _watch(cell: ActorCell, reply: Reply) -> None:
+    reply.set_result(_stop_info_to_wire(await cell.wait_stopped()))

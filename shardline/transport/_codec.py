@@ -10,6 +10,7 @@ from ``shardline.tensors``), so this module imports neither.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "Codec",
     "Encoder",
     "Decoder",
+    "descriptor_buffer",
     "packb",
     "register_ext",
 ]
@@ -81,9 +83,36 @@ def _encode_ndarray(arr: np.ndarray[Any, Any], buffers: list[Any]) -> bytes:
     return packb([arr.dtype.str, list(arr.shape), len(buffers) - 1])
 
 
+def descriptor_buffer(what: str, shape: Any, index: Any, itemsize: int,
+                      buffers: Sequence[Any]) -> Any:
+    """The buffer frame an array descriptor ``(dtype, shape, index)`` names, after
+    checking that the index is a frame of this message and that the shape is
+    non-negative ints whose element count fills that frame exactly."""
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(buffers):
+        raise ProtocolError(f"{what} names buffer frame {index!r:.40}; the message has "
+                            f"{len(buffers)} (0 to {len(buffers) - 1})")
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(f"{what} shape must be a list of non-negative integers, "
+                            f"got {shape!r:.100}")
+    buf = buffers[index]
+    nbytes = memoryview(buf).nbytes
+    needed = math.prod(shape) * itemsize
+    if needed != nbytes:
+        raise ProtocolError(f"{what} of shape {shape!r:.100} needs {needed} bytes, but its "
+                            f"frame holds {nbytes}")
+    return buf
+
+
 def _decode_ndarray(payload: bytes, buffers: Sequence[Any]) -> np.ndarray[Any, Any]:
-    dtype, shape, index = msgpack.unpackb(payload)
-    arr: np.ndarray[Any, Any] = np.frombuffer(buffers[index], dtype=np.dtype(dtype))
+    dtype_str, shape, index = msgpack.unpackb(payload)
+    if not isinstance(dtype_str, str):
+        raise ProtocolError(f"ndarray dtype must be a string, got {dtype_str!r:.60}")
+    dtype = np.dtype(dtype_str)
+    if dtype.hasobject or dtype.fields is not None or dtype.kind == "V":
+        raise ProtocolError(f"ndarray dtype {dtype_str!r} has no raw-buffer form")
+    buf = descriptor_buffer("ndarray", shape, index, dtype.itemsize, buffers)
+    arr: np.ndarray[Any, Any] = np.frombuffer(buf, dtype=dtype)
     shaped: np.ndarray[Any, Any] = arr.reshape(shape)
     return shaped
 

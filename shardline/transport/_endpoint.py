@@ -25,6 +25,7 @@ from ._address import is_loopback, parse_tcp, primary_address, split_key, with_k
 from ._codec import Codec
 from ._curve import KeyPair
 from ._loopsock import LoopSocket
+from ._outgoing import Outgoing
 from ._peer import Peer
 from ._wire import PROTOCOL_VERSION, Limits, error_to_wire, salvage_id
 
@@ -74,7 +75,7 @@ class Reply:
                 {"v": PROTOCOL_VERSION, "k": "reply", "id": self._id, "r": value}, "result")
         except ShardlineError as exc:
             frames = endpoint.error_frames(self._id, exc)
-        endpoint.router_send(self._route, frames)
+        endpoint.router_send(self._route, frames, self._id)
 
     def set_exception(self, exc: BaseException) -> None:
         if self._done:
@@ -92,9 +93,12 @@ RequestHandler = Callable[[dict[str, Any], Reply], None]
 class Endpoint:
     def __init__(self, node_id: str, handler: RequestHandler, codec: Codec, *,
                  limits: Limits, peer_timeout: float, heartbeat_interval: float | None,
-                 keys: KeyPair | None, allow_keys: Iterable[str] | None) -> None:
+                 keys: KeyPair | None, allow_keys: Iterable[str] | None,
+                 max_queued_bytes: int = 256 << 20) -> None:
         if peer_timeout <= 0:
             raise ValueError("peer_timeout must be > 0")
+        if max_queued_bytes < 1:
+            raise ValueError("max_queued_bytes must be >= 1")
         self.node_id = node_id
         self.codec = codec
         self.limits = limits
@@ -110,6 +114,16 @@ class Endpoint:
         self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
         self._peers: dict[str, Peer] = {}
         self._connecting: dict[str, asyncio.Future[Peer]] = {}
+        # address -> why the last peer there was lost; a reconnect names it.
+        self._lost: dict[str, str] = {}
+        self.max_queued_bytes = max_queued_bytes
+        self._outgoing: Outgoing | None = None
+        self._listening = anyio.Event()
+        # When this node's event loop last came back from a stall: peers cannot have
+        # been heard while it was stalled, so their silence counts from here.
+        self.awake_since = time.monotonic()
+        # The pong names this node, so a client notices a restart at the same address.
+        self._pong = codec.encode({"v": PROTOCOL_VERSION, "k": "pong", "node": node_id})
         # (route, request id) -> Reply of asks being handled, so a "cancel" finds them.
         self.inflight: dict[tuple[bytes, int], Reply] = {}
         self._closed = False
@@ -140,43 +154,75 @@ class Endpoint:
 
     def listen(self, address: str, *, advertise: str | None, insecure: bool) -> str:
         host, _ = parse_tcp(address)
+        if advertise is not None:
+            parse_tcp(advertise)  # before any socket exists: nothing to clean up
         if self.keys is None and not is_loopback(host) and not insecure:
             raise Unauthorized(
                 f"refusing to listen on {address} without CURVE keys: anyone who can reach it "
                 "could spawn actors. Pass keys=DIR / --keys DIR (see 'shardline keys generate') or "
                 "insecure=True / --insecure on a trusted network")
         router = self.context.socket(zmq.ROUTER)
-        self.configure(router)
-        if self.keys is not None:
-            self._auth = zmq.auth.thread.ThreadAuthenticator(self.context)
-            self._auth.start()
-            self._auth.configure_curve_callback("*", _KeyCheck(self._allow_keys))
-        self.make_curve_server(router)
         try:
-            router.bind(address)
-        except zmq.ZMQError as exc:
+            self.configure(router)
+            # Refuse (EAGAIN / EHOSTUNREACH) rather than silently drop a message for a
+            # client at its high-water mark or gone: Outgoing decides what happens.
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if self.keys is not None:
+                self._auth = zmq.auth.thread.ThreadAuthenticator(self.context)
+                self._auth.start()
+                self._auth.configure_curve_callback("*", _KeyCheck(self._allow_keys))
+            self.make_curve_server(router)
+            try:
+                router.bind(address)
+            except zmq.ZMQError as exc:
+                raise OSError(exc.errno,
+                              f"cannot listen on {address}: {exc.strerror}") from None
+            bound_host, port = parse_tcp(router.getsockopt_string(zmq.LAST_ENDPOINT))
+            self.bind_host = bound_host if ":" not in bound_host else f"[{bound_host}]"
+            if advertise is None:
+                if bound_host in ("0.0.0.0", "::", "*"):
+                    bound_host = primary_address()
+                advertise = f"tcp://{bound_host}:{port}"
+            elif advertise.endswith(":0"):
+                advertise = f"{advertise[:-2]}:{port}"
+            self._router = LoopSocket(router, self._on_request, copied=2)
+        except BaseException:
             router.close(linger=0)
-            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
-        bound_host, port = parse_tcp(router.getsockopt_string(zmq.LAST_ENDPOINT))
-        self.bind_host = bound_host if ":" not in bound_host else f"[{bound_host}]"
-        if advertise is None:
-            if bound_host in ("0.0.0.0", "::", "*"):
-                bound_host = primary_address()
-            advertise = f"tcp://{bound_host}:{port}"
-        elif advertise.endswith(":0"):
-            advertise = f"{advertise[:-2]}:{port}"
-        parse_tcp(advertise)
+            if self._auth is not None:
+                self._auth.stop()
+                self._auth = None
+            raise
+        self._outgoing = Outgoing(self._router, self._refusal,
+                                  max_bytes=self.max_queued_bytes,
+                                  stall_timeout=self.peer_timeout)
+        self._listening.set()
         self.address = with_key(advertise, self.keys.public.decode() if self.keys else None)
-        self._router = LoopSocket(router, self._on_request, copied=2)
         return self.address
 
     def start(self, tg: TaskGroup) -> None:
-        """Start the heartbeat task (owned by the node's task group)."""
+        """Start the heartbeat and reply-backlog tasks (owned by the node's task group)."""
         tg.start_soon(self._heartbeats)
+        tg.start_soon(self._pump_replies)
 
-    def router_send(self, route: bytes, frames: list[Any]) -> None:
-        if self._router is not None:
-            self._router.send([route, *frames])
+    def router_send(self, route: bytes, frames: list[Any], rid: int | None = None) -> None:
+        """Send to the client at ``route``; ``rid``: the request this answers, if any."""
+        if self._outgoing is not None and self._router is not None:
+            self._outgoing.send(route, frames, rid)
+
+    def _refusal(self, rid: int, size: int, queued: int) -> list[Any]:
+        return self.error_frames(rid, ProtocolError(
+            f"reply of {size} bytes not sent: {queued} bytes of replies to this connection "
+            f"are still unread (max_queued_bytes={self.max_queued_bytes}); read replies "
+            "before asking for more, or raise the node's max_queued_bytes"))
+
+    async def _pump_replies(self) -> None:
+        await self._listening.wait()
+        assert self._outgoing is not None
+        await self._outgoing.run(lambda: self.awake_since)
+
+    def outgoing_statistics(self) -> dict[str, int] | None:
+        """Replies queued toward this node's clients (None: the node does not listen)."""
+        return None if self._outgoing is None else self._outgoing.statistics()
 
     def error_frames(self, rid: int, exc: BaseException) -> list[Any]:
         return self.codec.encode(
@@ -186,6 +232,9 @@ class Endpoint:
 
     def _on_request(self, frames: list[Any]) -> None:
         route = frames[0]
+        outgoing = self._outgoing
+        if outgoing is not None and outgoing.is_dropped(route):
+            return  # a client dropped for not reading its replies is not served again
         if len(frames) < 2:
             log.warning("dropped a message with no header")
             return
@@ -208,7 +257,7 @@ class Endpoint:
             return
         kind = msg.get("k")
         if kind == "ping":
-            self.router_send(route, self.codec.encode({"v": PROTOCOL_VERSION, "k": "pong"}))
+            self.router_send(route, self._pong)
             return
         if not isinstance(rid, int) or isinstance(rid, bool):
             log.warning("dropped a %r message without an integer id", kind)
@@ -253,16 +302,25 @@ class Endpoint:
         pending = self._connecting.get(base)
         if pending is not None:
             return await asyncio.shield(pending)
+        parse_tcp(base)  # a bad address is a ValueError, before any bookkeeping
         fut: asyncio.Future[Peer] = asyncio.get_running_loop().create_future()
         self._connecting[base] = fut
+        lost = self._lost.get(base)
         try:
             peer = Peer(self, base, server_key or key)
             try:
-                # A refused CURVE handshake fails the hello at once (see Peer._on_monitor).
-                await peer.hello(timeout)
+                # A refused CURVE handshake fails the hello at once (see Peer._on_monitor),
+                # and so does a refused connection to an address whose node was lost.
+                await peer.hello(timeout, refused_is_lost=lost is not None)
+            except NodeLost as exc:
+                peer.close()
+                if lost is None:
+                    raise
+                raise NodeLost(f"{lost}; reconnecting failed: {exc}") from None
             except BaseException:
                 peer.close()
                 raise
+            self._lost.pop(base, None)
             self._peers[base] = peer
             fut.set_result(peer)
             return peer
@@ -278,8 +336,24 @@ class Endpoint:
         return self._peers.get(address)
 
     def forget(self, peer: Peer) -> None:
+        """``peer`` was lost: the next request to its address reconnects."""
         if self._peers.get(peer.address) is peer:
             del self._peers[peer.address]
+            self._lost.pop(peer.address, None)
+            if len(self._lost) >= 4096:
+                del self._lost[next(iter(self._lost))]
+            self._lost[peer.address] = peer.lost_reason
+
+    def declare_lost(self, address: str, error: NodeLost) -> None:
+        """Fail the live peer at ``address``, if any, with ``error`` (its process is
+        known to have ended). If it was lost already, later reconnects name ``error``
+        as the reason."""
+        base = split_key(address)[0]
+        peer = self._peers.get(base)
+        if peer is not None:
+            peer.fail(error)
+        elif base in self._lost:
+            self._lost[base] = str(error)
 
     def peers(self) -> list[Peer]:
         return list(self._peers.values())
@@ -287,14 +361,23 @@ class Endpoint:
     async def _heartbeats(self) -> None:
         check = min(self.heartbeat_interval, self.peer_timeout / 10)
         last_ping = 0.0
+        due = time.monotonic() + check
         while True:
             await anyio.sleep(check)
             now = time.monotonic()
+            if now - due > check:
+                # This loop was stalled (a long synchronous call): nothing was read or
+                # pinged meanwhile, so a peer's silence counts from now. Ping at once.
+                self.awake_since = now
+                last_ping = 0.0
+            due = now + check
             ping = now - last_ping >= self.heartbeat_interval
             if ping:
                 last_ping = now
+            if self._outgoing is not None:
+                self._outgoing.sweep(now, self.awake_since)
             for peer in list(self._peers.values()):
-                silent = now - peer.last_seen
+                silent = now - max(peer.last_seen, self.awake_since)
                 if silent > self.peer_timeout:
                     log.warning("node %s silent for %.1f s: lost", peer.address, silent)
                     peer.fail(NodeLost(
@@ -313,7 +396,8 @@ class Endpoint:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
-        self.context.term()
+        # destroy, not term: a socket leaked by some failure path must not hang the exit
+        self.context.destroy(linger=0)
 
 
 class _KeyCheck:

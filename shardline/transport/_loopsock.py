@@ -63,6 +63,14 @@ class LoopSocket:
             self._outbox.append(frames)
         self._schedule_check()
 
+    def send_or_raise(self, frames: list[Any]) -> None:
+        """Send now or raise (``zmq.Again`` when full): for callers that keep their own
+        queues, such as one per client of a ROUTER."""
+        if self._closed:
+            return
+        self.sock.send_multipart(frames, _NOBLOCK, copy=False)
+        self._schedule_check()
+
     @property
     def backlog(self) -> int:
         """Messages waiting for the socket to accept them (peer slow or gone)."""

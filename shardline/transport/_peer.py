@@ -14,6 +14,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from .._errors import AskTimeout, NodeLost, ProtocolError, ShardlineError, Unauthorized
+from ._address import parse_tcp
 from ._loopsock import LoopSocket
 from ._wire import PROTOCOL_VERSION, error_from_wire, salvage_id
 
@@ -24,14 +25,31 @@ __all__ = ["Peer"]
 
 log = logging.getLogger("shardline.transport")
 
-_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_HANDSHAKE_FAILED = frozenset({int(zmq.EVENT_HANDSHAKE_FAILED_AUTH),
+                               int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL),
+                               int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)})
+_HANDSHAKE_SUCCEEDED = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+_DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
+_CONNECT_RETRIED = int(zmq.EVENT_CONNECT_RETRIED)
+# A closed connection fails the peer after this long, so that a supervisor that knows
+# why the process ended (Node._declare_lost) can name the cause to the pending asks.
+DISCONNECT_GRACE = 0.2
+_MONITORED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED
+              | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
 
 
 class Peer:
-    """Requests to one remote node and their replies; declared lost after silence."""
+    """Requests to one remote node and their replies.
+
+    One connection, one node: the peer is declared lost (and every pending request
+    fails with ``NodeLost``) when the connection closes, when the node is silent for
+    ``peer_timeout``, or when another node answers at its address. A lost peer is never
+    revived; the endpoint opens a new one, with a new hello, on next use.
+    """
 
     def __init__(self, endpoint: Endpoint, address: str, server_key: str | None) -> None:
+        parse_tcp(address)  # a bad address is a ValueError before any socket exists
         self.endpoint = endpoint
         self.address = address
         self.node_id: str | None = None
@@ -47,14 +65,32 @@ class Peer:
         self._window_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._established = False  # a ZMTP handshake succeeded
+        # Set during a reconnect: a refused connection then means the node is gone,
+        # while a first connect waits (the node may still be starting).
+        self._refused_is_lost = False
+        self._closing: asyncio.TimerHandle | None = None  # a closed connection's fail
+        self._monitor: LoopSocket | None = None
         dealer = endpoint.context.socket(zmq.DEALER)
-        endpoint.configure(dealer)
-        if server_key is not None or endpoint.keys is not None:
-            endpoint.make_curve_client(dealer, server_key)
-        self._monitor: LoopSocket | None = LoopSocket(
-            dealer.get_monitor_socket(_HANDSHAKE_EVENTS), self._on_monitor, copied=2)
-        dealer.connect(address)
-        self.sock = LoopSocket(dealer, self._on_message, copied=1)
+        monitor: zmq.Socket[Any] | None = None
+        try:
+            endpoint.configure(dealer)
+            if server_key is not None or endpoint.keys is not None:
+                endpoint.make_curve_client(dealer, server_key)
+            # Kept for the peer's whole life: a closed connection is noticed at once.
+            monitor = dealer.get_monitor_socket(_MONITORED)
+            dealer.connect(address)
+            self._monitor = LoopSocket(monitor, self._on_monitor, copied=2)
+            self.sock = LoopSocket(dealer, self._on_message, copied=1)
+        except BaseException as exc:
+            if self._monitor is not None:
+                self._monitor.close()
+            elif monitor is not None:
+                monitor.close(linger=0)
+            dealer.close(linger=0)
+            if isinstance(exc, zmq.ZMQError):
+                raise ValueError(f"cannot connect to {address!r}: {exc.strerror}") from None
+            raise
 
     # -- sending -----------------------------------------------------------------
 
@@ -146,6 +182,11 @@ class Peer:
             return
         kind = msg.get("k")
         if kind == "pong":
+            node = msg.get("node")
+            if node is not None and self.node_id is not None and node != self.node_id:
+                self.fail(NodeLost(
+                    f"node {self.address} restarted: node {node} answers there now, not "
+                    f"{self.node_id}; requests to the old node are lost"))
             return
         fut = self.pending.pop(msg.get("id"), None)  # type: ignore[arg-type]
         if fut is None or fut.done():
@@ -158,15 +199,35 @@ class Peer:
             fut.set_exception(ProtocolError(f"unexpected reply kind {kind!r}"))
 
     def _on_monitor(self, frames: list[Any]) -> None:
-        event = parse_monitor_message(frames)["event"]
-        if event & _HANDSHAKE_EVENTS:
+        event = int(parse_monitor_message(frames)["event"])
+        if event in _HANDSHAKE_FAILED and self._refused_is_lost and not self._established:
+            # Reconnecting to a lost node's address: whatever answers there now is not
+            # that node (a loopback connect to a free ephemeral port can even reach
+            # itself, which fails the handshake).
+            self.fail(NodeLost(f"no node answers at {self.address} any more (the "
+                               "connection handshake failed)"))
+        elif event in _HANDSHAKE_FAILED:
             self.fail(Unauthorized(
                 f"node {self.address} refused the CURVE handshake (no key, a key it does not "
                 "allow, or a security mechanism that does not match its own)"))
+        elif event == _HANDSHAKE_SUCCEEDED:
+            self._established = True
+        elif event == _DISCONNECTED and self._closing is None:
+            # Replies to requests sent on this connection can no longer arrive: the
+            # node answers on the connection a request came in on.
+            self._closing = self._loop.call_later(DISCONNECT_GRACE, self.fail, NodeLost(
+                f"the connection to node {self.address} closed (its process ended, or it "
+                "dropped the connection)"))
+        elif event == _CONNECT_RETRIED and self._refused_is_lost and not self._established:
+            self.fail(NodeLost(f"nothing listens at {self.address} any more "
+                               "(connection refused)"))
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def hello(self, timeout: float) -> None:
+    async def hello(self, timeout: float, *, refused_is_lost: bool = False) -> None:
+        """Check the protocol version and learn the node's id. ``refused_is_lost``: a
+        refused connection fails at once (reconnecting to a node that was lost)."""
+        self._refused_is_lost = refused_is_lost
         header = {"v": PROTOCOL_VERSION, "k": "hello", "node": self.endpoint.node_id,
                   "addr": self.endpoint.address}
         try:
@@ -178,8 +239,11 @@ class Peer:
             raise ProtocolError(f"node {self.address} speaks protocol "
                                 f"{info.get('v') if isinstance(info, dict) else info!r}, "
                                 f"this node speaks {PROTOCOL_VERSION}")
-        self.node_id = str(info.get("node"))
-        self._stop_monitor()
+        node = info.get("node")
+        if not isinstance(node, str):
+            raise ProtocolError(f"node {self.address} sent a hello without a node id")
+        self.node_id = node
+        self._refused_is_lost = False
 
     def _stop_monitor(self) -> None:
         if self._monitor is not None:
@@ -195,6 +259,8 @@ class Peer:
         if self.is_lost:
             return
         self.is_lost = True
+        if self._closing is not None:
+            self._closing.cancel()
         self.lost_reason = str(error)
         self.lost.set()
         self._stop_monitor()
