@@ -2,6 +2,7 @@
 reference models."""
 
 from . import gpt as gpt
+from . import hf as hf
 from . import minilm as minilm
 from . import schedules as schedules
 from ._batcher import Batcher as Batcher
@@ -16,4 +17,4 @@ from ._trace import Trace as Trace
 from ._trace import TraceSpan as TraceSpan
 
 __all__ = ["Batcher", "LayerSpec", "Pipeline", "PipelineError", "QueueFull", "StageActor",
-           "StepTrace", "Trace", "TraceSpan", "gpt", "minilm", "partition", "schedules"]
+           "StepTrace", "Trace", "TraceSpan", "gpt", "hf", "minilm", "partition", "schedules"]
