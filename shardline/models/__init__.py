@@ -1,6 +1,7 @@
 """The ML layer: partitioning, stage actors, schedules as data, the pipeline, batching,
 reference models."""
 
+from . import compress as compress
 from . import gpt as gpt
 from . import hf as hf
 from . import minilm as minilm
@@ -15,6 +16,11 @@ from ._stage import StageActor as StageActor
 from ._trace import StepTrace as StepTrace
 from ._trace import Trace as Trace
 from ._trace import TraceSpan as TraceSpan
+from .compress import Compressed as Compressed
+from .compress import CompressionReport as CompressionReport
+from .compress import prune as prune
+from .compress import quantize as quantize
 
-__all__ = ["Batcher", "LayerSpec", "Pipeline", "PipelineError", "QueueFull", "StageActor",
-           "StepTrace", "Trace", "TraceSpan", "gpt", "hf", "minilm", "partition", "schedules"]
+__all__ = ["Batcher", "Compressed", "CompressionReport", "LayerSpec", "Pipeline",
+           "PipelineError", "QueueFull", "StageActor", "StepTrace", "Trace", "TraceSpan",
+           "compress", "gpt", "hf", "minilm", "partition", "prune", "quantize", "schedules"]
