@@ -1,7 +1,9 @@
 """The ML layer: partitioning, stage actors, schedules as data, the pipeline, batching,
 reference models."""
 
+from . import compress as compress
 from . import gpt as gpt
+from . import hf as hf
 from . import minilm as minilm
 from . import schedules as schedules
 from ._batcher import Batcher as Batcher
@@ -16,7 +18,12 @@ from ._stage import StageActor as StageActor
 from ._trace import StepTrace as StepTrace
 from ._trace import Trace as Trace
 from ._trace import TraceSpan as TraceSpan
+from .compress import Compressed as Compressed
+from .compress import CompressionReport as CompressionReport
+from .compress import prune as prune
+from .compress import quantize as quantize
 
-__all__ = ["Batcher", "LayerSpec", "Pipeline", "PipelineError", "Plan", "PlanError",
-           "QueueFull", "StageActor", "StepTrace", "Trace", "TraceSpan", "gpt", "minilm",
-           "partition", "schedules"]
+__all__ = ["Batcher", "Compressed", "CompressionReport", "LayerSpec", "Pipeline",
+           "PipelineError", "Plan", "PlanError", "QueueFull", "StageActor", "StepTrace",
+           "Trace", "TraceSpan", "compress", "gpt", "hf", "minilm", "partition", "prune",
+           "quantize", "schedules"]

@@ -199,7 +199,9 @@ class Pipeline:
 
     async def generate(self, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
                        temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int | None = None) -> AsyncGenerator[int, None]:
+                       seed: int | None = None,
+                       eos_token_id: int | Sequence[int] | None = None,
+                       ) -> AsyncGenerator[int, None]:
         """Tokens of a continuation of ``prompt`` (token ids), one at a time, for a
         causal LM whose last layer returns logits ``[batch, time, vocab]``.
 
@@ -207,9 +209,15 @@ class Pipeline:
         does: every stage keeps its layers' keys and values for this request
         (``forward_cached``) until the iteration ends, is closed or cancelled.
         ``temperature == 0`` is greedy; otherwise sampling with nucleus ``top_p`` and a
-        generator seeded with ``seed``.
+        generator seeded with ``seed``. Generation stops after yielding
+        ``eos_token_id`` (one id or several; ``None``: the ``eos_token_id`` of the
+        ``LayerSpec`` the pipeline was started from, if its config has one; ``[]``: never).
         """
         from ._generate import sample
+
+        if eos_token_id is None and self.model_spec is not None:
+            eos_token_id = self.model_spec.config.get("eos_token_id")
+        stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
 
         ids = torch.as_tensor(prompt, dtype=torch.int64).reshape(1, -1)
         if ids.shape[1] == 0:
@@ -254,6 +262,8 @@ class Pipeline:
                 token = sample(logits[0, -1], temperature, top_p, gen)
                 tokens.append(token)
                 yield token
+                if token in stop:
+                    break
                 if i + 1 < max_new_tokens:
                     logits = await forward(torch.tensor([[token]], dtype=torch.int64))
         finally:

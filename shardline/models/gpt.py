@@ -64,17 +64,19 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        b, t = x.shape[:2]
+        # the attention is narrower than the block once heads are pruned (models.prune)
+        q, k, v = self.qkv(self.norm1(x)).split(self.qkv.out_features // 3, dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self._finish(x, att)
 
     def forward_cached(self, x: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
         """``x`` continues the sequence whose keys and values ``cache`` holds (and gets)."""
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        b, t = x.shape[:2]
+        # the attention is narrower than the block once heads are pruned (models.prune)
+        q, k, v = self.qkv(self.norm1(x)).split(self.qkv.out_features // 3, dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
         past = cache.get("k")
         if past is not None:
             k = torch.cat([past, k], dim=2)
@@ -89,8 +91,8 @@ class Block(nn.Module):
         return self._finish(x, att)
 
     def _finish(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        b, t = x.shape[:2]
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, -1))
         out: torch.Tensor = x + self.mlp(self.norm2(x))
         return out
 

@@ -1,0 +1,140 @@
+"""The three kinds of stage layer of a decoder-only LM: embeddings, one decoder layer,
+final norm + LM head.
+
+Between layers (and so between stages) only the hidden states travel: a float tensor
+``[batch, time, hidden]``. Each decoder layer works out positions itself: ``0..t-1``
+for a plain forward, and continuing after the keys it already holds for a cached one.
+It then computes its rotary embeddings and mask from those positions, so nothing but
+tensors crosses processes.
+
+``forward_cached(x, state)`` is the per-request form ``Pipeline.generate`` uses: the
+embeddings keep ``state["pos"]`` (tokens seen), each decoder layer ``state["k"]`` and
+``state["v"]`` (``[batch, kv_heads, seen, head_dim]``, after rotary), the head keeps
+nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Decoder", "Embeddings", "Head", "causal_mask"]
+
+
+class Embeddings(nn.Module):
+    """Token embeddings, plus learned positions for the families that have them."""
+
+    def __init__(self, tokens: nn.Embedding, positions: nn.Embedding | None = None) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.positions = positions
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._embed(ids, 0)
+
+    def forward_cached(self, ids: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        start = int(state.get("pos", 0))
+        out = self._embed(ids, start)
+        state["pos"] = start + ids.shape[1]
+        return out
+
+    def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"the first stage takes token ids (int64), got {ids.dtype}")
+        h: torch.Tensor = self.tokens(ids)
+        if self.positions is not None:
+            end = start + ids.shape[1]
+            if end > self.positions.num_embeddings:
+                raise ValueError(f"sequence of {end} tokens exceeds the model's context of "
+                                 f"{self.positions.num_embeddings}")
+            h = h + self.positions(torch.arange(start, end, device=ids.device))
+        return h
+
+
+class Decoder(nn.Module):
+    """One ``transformers`` decoder layer, fed the positions, mask and KV cache that
+    the whole model would have given it."""
+
+    def __init__(self, layer: nn.Module, rotary: nn.Module | None, window: int | None,
+                 cache_arg: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.rotary = rotary
+        self.window = window
+        self.cache_arg = cache_arg  # "cache" in transformers >= 5.3, "past_key_values" before
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._run(h, None)
+
+    def forward_cached(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        return self._run(h, state)
+
+    def _run(self, h: torch.Tensor, state: dict[str, Any] | None) -> torch.Tensor:
+        past_k = state.get("k") if state is not None else None
+        past = 0 if past_k is None else int(past_k.shape[2])
+        t = h.shape[1]
+        kwargs: dict[str, Any] = {
+            "attention_mask": causal_mask(past, t, self.window, h.device),
+            self.cache_arg: _LayerCache(state) if state is not None else None,
+        }
+        if self.rotary is not None:
+            positions = torch.arange(past, past + t, device=h.device).unsqueeze(0)
+            kwargs["position_ids"] = positions
+            kwargs["position_embeddings"] = self.rotary(h, positions)
+        out = self.layer(h, **kwargs)
+        if isinstance(out, tuple):  # older layers return (hidden_states, ...)
+            out = out[0]
+        result: torch.Tensor = out
+        return result
+
+
+class Head(nn.Module):
+    """Final norm and LM head: hidden states to logits ``[batch, time, vocab]``."""
+
+    def __init__(self, norm: nn.Module, out: nn.Linear) -> None:
+        super().__init__()
+        self.norm = norm
+        self.out = out
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.out(self.norm(h))
+        return logits
+
+    def forward_cached(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        return self.forward(h)
+
+
+def causal_mask(past: int, t: int, window: int | None,
+                device: torch.device) -> torch.Tensor | None:
+    """Which keys each of ``t`` new queries (after ``past`` cached tokens) sees, as a
+    boolean ``[1, 1, t, past + t]`` mask, or ``None`` where the attention kernel's own
+    rule is the same (a whole causal prompt, or one new token seeing everything)."""
+    total = past + t
+    windowed = window is not None and total > window
+    if not windowed and (past == 0 or t == 1):
+        return None  # SDPA: is_causal for a prompt, all keys for a single query
+    q = torch.arange(past, total, device=device).unsqueeze(1)
+    k = torch.arange(total, device=device).unsqueeze(0)
+    keep = k <= q
+    if window is not None:
+        keep &= q - k < window  # transformers' sliding window: the last `window` tokens
+    return keep[None, None]
+
+
+class _LayerCache:
+    """The one method of a ``transformers`` cache a self-attention layer calls, over
+    this request's ``state`` dict, so the keys and values stay plain tensors."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        past = self.state.get("k")
+        if past is not None:
+            keys = torch.cat([past, keys], dim=2)
+            values = torch.cat([self.state["v"], values], dim=2)
+        self.state["k"], self.state["v"] = keys, values
+        return keys, values
