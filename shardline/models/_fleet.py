@@ -7,8 +7,8 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import anyio
 import torch
@@ -17,13 +17,21 @@ from torch import nn
 from .. import ActorMesh, ActorRef, Node, RemoteNode, ShardlineError, to_thread
 from ..transport import parse_tcp
 from ._allreduce import master_store
-from ._plan import LOCAL, DevicePlan, Plan
+from ._plan import LOCAL, DevicePlan, Place, Plan
 from ._spec import LayerSpec
 from ._stage import StageActor
 
-__all__ = ["Fleet", "StageOptions"]
+__all__ = ["Fleet", "Replacements", "StageOptions"]
 
 log = logging.getLogger("shardline.models")
+
+
+class Replacements(Protocol):
+    """Hands back a node to replace a lost one: ``LocalCluster(restart=True)`` does,
+    with the worker it restarted."""
+
+    async def replacement(self, old: RemoteNode, *, timeout: float = ...) -> RemoteNode:
+        ...
 
 
 @dataclass(frozen=True)
@@ -42,9 +50,13 @@ class Fleet:
     holders (one per node that holds any)."""
 
     def __init__(self, node: Node, plan: Plan, model: LayerSpec | list[nn.Module],
-                 options: StageOptions, nodes: dict[str, RemoteNode]) -> None:
+                 options: StageOptions, nodes: dict[str, RemoteNode],
+                 replacements: Replacements | None = None,
+                 replacement_timeout: float = 60.0) -> None:
         self.node = node
         self.plan = plan
+        self.replacements = replacements
+        self.replacement_timeout = replacement_timeout
         self.model = model
         self.options = options
         self.nodes = dict(nodes)  # address -> RemoteNode, spares included
@@ -204,10 +216,28 @@ class Fleet:
                 tg.start_soon(probe, address, ref, method)
         return lost
 
+    def can_replace(self) -> bool:
+        return bool(self.plan.spares) or self.replacements is not None
+
     async def replace(self, lost: set[str]) -> tuple[Plan, list[DevicePlan]]:
         """Re-place the devices on ``lost`` nodes (``Plan.replace``), spawn them, relink
-        everything; returns the old plan and the devices that moved."""
+        everything; returns the old plan and the devices that moved. With
+        ``replacements``, each lost node is first replaced by the node they hand back
+        (a restarted worker), which joins the spares."""
         old = self.plan
+        if self.replacements is not None:
+            fresh = []
+            for address in sorted(lost):
+                gone = self.nodes.get(address)
+                if gone is None:
+                    continue
+                node = await self.replacements.replacement(
+                    gone, timeout=self.replacement_timeout)
+                self.nodes[node.address] = node
+                fresh.append(Place(node.address, "cpu"))
+            old = replace(old, spares=(*old.spares, *fresh))
+            for spare in fresh:
+                await self._holder(spare.node)  # warm: torch imported before the spawn
         new = old.replace(lost)
         moved = old.moved(new)
         for address in lost:

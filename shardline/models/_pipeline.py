@@ -19,7 +19,7 @@ from torch import nn
 from .. import ActorError, ActorRef, Node, RemoteNode, ShardlineError
 from . import _tree
 from ._errors import PipelineError
-from ._fleet import Fleet, StageOptions
+from ._fleet import Fleet, Replacements, StageOptions
 from ._partition import _layers, balanced_bounds, layer_weights, split_bounds
 from ._plan import LOCAL, Place, Plan, build_plan
 from ._scheduler import Scheduler
@@ -75,7 +75,8 @@ class Pipeline:
                     optimizer: tuple[str, dict[str, Any]] | None = None,
                     balance: str = "params", trace: bool = False,
                     cache_idle_s: float = 300.0, replicas: int = 1,
-                    spares: Sequence[RemoteNode] = (), snapshot_every: int | None = None,
+                    spares: Sequence[RemoteNode] | Replacements = (),
+                    snapshot_every: int | None = None,
                     check_finite: bool = False) -> Pipeline:
         """Split ``model`` into stages, spawn a ``StageActor`` per device, connect them.
 
@@ -89,8 +90,10 @@ class Pipeline:
         how long a stage keeps a ``generate`` request's state after its last use when
         nobody released it.
 
-        Self-healing: ``spares`` are nodes held in reserve; when a stage's node is lost
-        during ``train_step``, its stages move to a spare, their state is restored
+        Self-healing: ``spares`` are nodes held in reserve, or an object that hands back
+        a replacement for a lost node (``LocalCluster(restart=True)``: its restarted
+        worker); when a stage's node is lost during ``train_step``, its stages move to a
+        spare, their state is restored
         (from a surviving replica, or from the in-memory snapshot taken every
         ``snapshot_every`` steps and kept on another node; default 1 when there are
         spares and an optimizer, else off) and the step runs again. A pipeline that has
@@ -140,6 +143,10 @@ class Pipeline:
 
         nodes: dict[str, RemoteNode] = {}
         places = [[_place(p, nodes) for p in row] for row in rows]
+        replacements: Replacements | None = None
+        if hasattr(spares, "replacement"):
+            replacements = spares
+            spares = ()
         spare_places = [_place(p, nodes) for p in spares]
         remote = any(p.node != LOCAL for row in places for p in row)
         if layers is not None and (remote or spare_places):
@@ -151,7 +158,8 @@ class Pipeline:
                              "(Node(listen='tcp://...')) so remote stages can reach local ones")
         if snapshot_every is None:
             # Inference-only pipelines rebuild a lost stage from the spec instead.
-            snapshot_every = 1 if spare_places and optimizer is not None else 0
+            snapshot_every = 1 if (spare_places or replacements) and optimizer is not None \
+                else 0
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0, got {snapshot_every}")
         plan = build_plan(plan_schedule, bounds, names, places, spare_places)
@@ -165,7 +173,7 @@ class Pipeline:
         else:
             assert isinstance(model, LayerSpec)
             source = model
-        fleet = Fleet(node, plan, source, options, nodes)
+        fleet = Fleet(node, plan, source, options, nodes, replacements)
         await fleet.start(snapshots=snapshot_every > 0)
         try:
             scheduler = await node.spawn(Scheduler, fleet, trace, snapshot_every)
@@ -182,7 +190,7 @@ class Pipeline:
         across replicas); returns the mean of the microbatch losses. Steps run one at a
         time, in call order. A failed stage raises ``PipelineError``, with every weight
         as it was before the step, unless the pipeline recovered (``spares``)."""
-        if self.fleet.plan.spares or self.fleet.plan.replicas > 1:
+        if self.fleet.can_replace() or self.fleet.plan.replicas > 1:
             # kept for a replay after a recovery: the caller may reuse its tensors
             x, y = _tree.map_tensors(x, torch.clone), _tree.map_tensors(y, torch.clone)
         return float(await self._schedule("train_step", x, y))

@@ -342,7 +342,7 @@ class Scheduler(Actor):
         ``"snapshot"`` (every device rolled back to the stable version) or ``"fresh"``
         (nothing trained yet: a new stage built from the spec is the state)."""
         fleet = self.fleet
-        if not fleet.plan.spares:
+        if not fleet.can_replace():
             raise exc
         lost = await fleet.lost_nodes(self.probe_timeout)
         if not lost:
@@ -468,7 +468,7 @@ class Scheduler(Actor):
             lost = await self.fleet.lost_nodes(self.probe_timeout)
             if not lost or attempts > self.max_recoveries:
                 raise failure
-            if self.plan.spares:
+            if self.fleet.can_replace():
                 async with self._gate.hold(exclusive=True):
                     # another call may have healed it meanwhile
                     if await self.fleet.lost_nodes(self.probe_timeout):
