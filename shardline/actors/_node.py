@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
-from .._errors import ActorNameTaken, ActorNotFound
-from ..transport import EXT_REF, Codec, Endpoint, KeyPair, Limits, Peer, new_node_id
+from .._errors import ActorNameTaken, ActorNotFound, NodeLost
+from ..transport import EXT_REF, Codec, Endpoint, KeyPair, Limits, Peer, new_node_id, split_key
 from ..transport import load_allow_keys as _load_allow_keys
 from ._actor import Actor
 from ._cell import ActorCell
+from ._hostinfo import ask_info, describe
 from ._lifecycle import OnError, RestartPolicy
 from ._ref import ActorRef
 from ._remote import RemoteNode, decode_ref, encode_ref, serve_request
@@ -70,6 +71,8 @@ class Node:
         self.connect_timeout = connect_timeout
         self.limits = Limits(max_header_size, max_frames, max_frame_size)
         self.stop_timeout = stop_timeout
+        # What peers learn about this node when they connect (host, pid, devices, rank).
+        self.info: dict[str, Any] = describe()
         # Prometheus metrics of this node's actors and peers (imported only when asked)
         self.metrics: NodeMetrics | None = None
         if metrics:
@@ -114,6 +117,7 @@ class Node:
                 limits=self.limits, peer_timeout=self.peer_timeout,
                 heartbeat_interval=self.heartbeat_interval, keys=self.keys,
                 allow_keys=self.allow_keys)
+            self._endpoint.info = self.info
             self._endpoint.start(self._tg)
         return self._endpoint
 
@@ -190,7 +194,8 @@ class Node:
         """Connect to the node at ``address`` (handshake included) and return it."""
         peer = await self._peer(address, timeout)
         assert peer.node_id is not None
-        return RemoteNode(self, address, peer.node_id)
+        info = await ask_info(peer, self.node_id, self.address, timeout or self.connect_timeout)
+        return RemoteNode(self, address, peer.node_id, info)
 
     async def lookup(self, address: str, name: str, *,
                      timeout: float | None = None) -> ActorRef:
@@ -207,6 +212,14 @@ class Node:
     async def _peer(self, address: str, timeout: float | None = None) -> Peer:
         endpoint = self._ensure_endpoint()
         return await endpoint.peer(address, timeout=timeout or self.connect_timeout)
+
+    def _declare_lost(self, address: str, error: NodeLost) -> None:
+        """Fail the live connection to ``address``, if any, with ``error``: pending and
+        new asks over it fail at once. For a supervisor that knows the process ended."""
+        if self._endpoint is not None:
+            peer = self._endpoint.cached_peer(split_key(address)[0])
+            if peer is not None:
+                peer.fail(error)
 
     def _cell(self, actor_id: Any) -> ActorCell:
         cell = self._cells.get(actor_id)

@@ -112,6 +112,9 @@ class Endpoint:
         self._connecting: dict[str, asyncio.Future[Peer]] = {}
         # (route, request id) -> Reply of asks being handled, so a "cancel" finds them.
         self.inflight: dict[tuple[bytes, int], Reply] = {}
+        # What the hello answer says about this node beyond its id (host, devices, ...);
+        # the layer above fills it in.
+        self.info: dict[str, Any] = {}
         self._closed = False
 
     # -- sockets -------------------------------------------------------------------
@@ -223,7 +226,7 @@ class Endpoint:
             self.inflight[(route, rid)] = reply
         elif kind == "hello":
             reply.set_result({"v": PROTOCOL_VERSION, "node": self.node_id,
-                              "addr": self.address})
+                              "addr": self.address, "info": self.info})
             return
         try:
             self._handler(msg, reply)
