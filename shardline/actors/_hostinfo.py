@@ -1,15 +1,14 @@
 """What a node says about itself in its hello: host, pid, rank, local rank, devices.
 
 Devices are found without importing torch (a worker must start in well under a
-second): ``CUDA_VISIBLE_DEVICES`` when set, else the GPUs the NVIDIA driver lists in
-``/proc/driver/nvidia/gpus``; torch is asked only if this process already imported it.
+second), the way CUDA counts them: ``CUDA_VISIBLE_DEVICES`` when set, else the GPUs
+the NVIDIA driver lists in ``/proc/driver/nvidia/gpus``.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,12 +38,6 @@ def local_rank_from_env(environ: Mapping[str, str]) -> int | None:
 
 def gpu_count(environ: Mapping[str, str]) -> int:
     """How many CUDA devices this process may use."""
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        try:
-            return int(torch.cuda.device_count())
-        except Exception:  # a broken CUDA install: fall back to what the OS says
-            pass
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         # CUDA's rule: the list ends at the first entry that names no device.
