@@ -46,7 +46,34 @@ async def _drive(address: str, expect: int, ready: str) -> None:
         await anyio.sleep_forever()
 
 
+async def _pipeline(address: str, keys: str, worker_key: str, result: str) -> None:
+    """Drive a 3-stage pipeline over 3 joined workers; check it against the unsharded
+    model (tests/test_pipeline.py's definition), then write what was seen."""
+    from shardline.models import Pipeline
+    from tests.test_pipeline import check_equal, spec
+
+    from . import models_fixtures
+
+    async with sl.Cluster(expect=3, listen=address, keys=keys, allow_keys=[worker_key],
+                          timeout=60.0) as cluster:
+        opt = ("torch.optim.SGD", {"lr": 0.1})
+        pipe = await Pipeline.start(cluster.node, spec(n=6), stages=3,
+                                    placement=cluster.nodes, schedule="1f1b",
+                                    microbatches=2,
+                                    loss_fn="torch.nn.functional:cross_entropy",
+                                    optimizer=opt)
+        reference = models_fixtures.layers({"kind": "mlp", "n": 6}, 0, 6)
+        await check_equal(pipe, reference, opt, 2)
+        await pipe.stop()
+        with open(result, "w") as f:
+            f.write(" ".join(f"{n.rank}@{n.address.split(';')[0]}" for n in cluster.nodes))
+
+
 if __name__ == "__main__":
-    # python -m tests.cluster_fixtures ADDRESS EXPECT READY_FILE: a driver that forms a
-    # cluster, writes its workers' addresses to READY_FILE and waits to be killed.
-    sl.run(_drive(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+    # python -m tests.cluster_fixtures drive ADDRESS EXPECT READY_FILE: a driver that
+    #   forms a cluster, writes its workers' addresses to READY_FILE, waits to be killed.
+    # python -m tests.cluster_fixtures pipeline ADDRESS KEYS WORKER_KEY RESULT_FILE
+    if sys.argv[1] == "drive":
+        sl.run(_drive(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+    else:
+        sl.run(_pipeline(*sys.argv[2:6]))

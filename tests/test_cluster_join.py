@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import anyio
 import msgpack
@@ -140,8 +139,8 @@ async def test_a_worker_without_a_driver_gives_up() -> None:
 async def test_a_worker_exits_when_its_driver_is_killed(tmp_path: Path) -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
     ready = tmp_path / "ready"
-    driver = subprocess.Popen([sys.executable, "-m", "tests.cluster_fixtures", address, "1",
-                               str(ready)], env=env(), text=True)
+    driver = subprocess.Popen([sys.executable, "-m", "tests.cluster_fixtures", "drive",
+                               address, "1", str(ready)], env=env(), text=True)
     member = worker(address, "--peer-timeout", "1")
     with reaped(driver, member):
         with anyio.fail_after(30):

@@ -76,6 +76,7 @@ async def test_a_killed_worker_is_named_with_its_signal() -> None:
         assert text.startswith(f"worker 0 (pid {pid} on {os.uname().nodename}, {address})")
         assert text.endswith("killed by SIGKILL")
         node, ended = cluster.lost[0]
+        assert node.pid == pid and node.address == address
         assert ended.pid == pid and ended.returncode == -signal.SIGKILL
         other = await cluster.nodes[1].spawn(FRAGILE)   # the other worker is untouched
         assert await other.pid() == cluster.pids()[1]
