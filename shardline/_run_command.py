@@ -184,21 +184,24 @@ async def _supervise(args: argparse.Namespace, launch: Launch, keys: str | None,
                 return ended.returncode if ended.returncode >= 0 else 128 - ended.returncode
             sys.stderr.write(f"shardline run: rank {launch.rank}'s worker (pid {ended.pid} "
                              f"on {ended.host}) {ended.cause}\n")
-            await _report(launch, keys, head, ended)
-            if restarts <= 0:
+            reported = await _report(launch, keys, head, ended)
+            if restarts <= 0 or not reported:   # no driver to rejoin: done
                 return ended.returncode if ended.returncode > 0 else 128 - ended.returncode
             restarts -= 1
             sys.stderr.write(f"shardline run: restarting rank {launch.rank}'s worker "
                              f"({restarts} restarts left)\n")
 
 
-async def _report(launch: Launch, keys: str | None, head: str, ended: WorkerExit) -> None:
-    """Tell the driver how this rank's worker ended, so its asks fail now, naming it."""
+async def _report(launch: Launch, keys: str | None, head: str, ended: WorkerExit) -> bool:
+    """Tell the driver how this rank's worker ended, so its asks fail now, naming it.
+    False if no driver answered."""
     try:
         with anyio.fail_after(5.0):
             async with Node(keys=keys) as node:
                 join = await node.lookup(head, JOIN_NAME, timeout=3.0)
                 await join.ask("lost", launch.rank, ended.pid, ended.cause, timeout=3.0)
+        return True
     except (TimeoutError, OSError, ShardlineError) as exc:
         log.warning("could not tell the driver that rank %d's worker ended: %s",
                     launch.rank, exc)
+        return False

@@ -189,8 +189,10 @@ class LocalCluster:
                         raise NodeLost(f"restarting worker {slot.index} failed: "
                                        f"{slot.failure}") from slot.failure
                     changed = slot.changed
-                    if slot.worker is not None and slot.worker.returncode is None:
-                        slot.worker.kill()
+                    worker = slot.worker
+                    if worker is not None and worker.pid == old.pid and (
+                            worker.returncode is None):
+                        worker.kill()   # old's own process, not a replacement starting
                     await changed.wait()
         except TimeoutError:
             raise ClusterTimeout(f"worker {slot.index} was not replaced within "

@@ -165,10 +165,15 @@ class Roster:
     def report(self, rank: Any, pid: Any, cause: Any) -> bool:
         """A supervisor saw the process of worker ``rank`` end."""
         seat = self.seats.get(rank) if isinstance(rank, int) else None
-        if seat is None or seat.ended is not None or seat.node.pid != pid:
+        if seat is None or seat.node.pid != pid:
             return False  # stale or unknown: that process is not the rank's member
-        self.vacate(seat, f"worker rank {rank} (pid {pid} on {seat.node.host}, "
-                          f"{seat.node.address}) {str(cause)[:500]}")
+        why = (f"worker rank {rank} (pid {pid} on {seat.node.host}, {seat.node.address}) "
+               f"{str(cause)[:500]}")
+        if seat.ended is not None:
+            # Its loss was noticed first (a closed connection); from now on say why.
+            seat.ended = seat.node._ended = why
+            return True
+        self.vacate(seat, why)
         return True
 
     async def watch(self, seat: Seat) -> None:
