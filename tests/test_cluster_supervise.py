@@ -52,7 +52,8 @@ async def _pending_then(cluster: sl.LocalCluster, act: str, *args: int) -> sl.No
         async with anyio.create_task_group() as tg:
             tg.start_soon(parked)
             tg.start_soon(parked)
-            while len(cluster.node.peers()[0].pending) < 2:
+            peer = next(p for p in cluster.node.peers() if p.address == fragile.address)
+            while len(peer.pending) < 2:
                 await anyio.sleep(0.01)
             if act == "kill":
                 os.kill(cluster.pids()[0], args[0])
