@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 import shardline as sl
-from shardline.actors._join import JOIN_NAME, join
+from shardline.actors._join import JOIN_NAME, Member, join
 from shardline.transport import KeyPair
 
 pytestmark = pytest.mark.anyio
@@ -178,8 +178,9 @@ async def test_bad_joins_are_refused_and_change_nothing() -> None:
         with pytest.raises(sl.JoinRefused, match=r"outside 1\.\.2"):
             await join(second, address, rank=7)
 
+        assert second.actors() == []     # a refused join leaves nothing behind
         door = await second.lookup(address, JOIN_NAME)
-        member = second.actors()[0]
+        member = await second.spawn(Member, anyio.Event(), [])
         good = {"address": second.address, "node": second.node_id}
         for request, args, why in [
                 (42, (member,), "expected a map"),

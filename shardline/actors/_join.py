@@ -289,19 +289,27 @@ async def join(node: Node, driver: str, *, rank: int | None = None,
         raise ValueError("a joining node must listen (Node(listen='tcp://...'))")
     left, reasons = anyio.Event(), list[str]()
     ref = await node.spawn(Member, left, reasons)
-    node.info["rank"] = rank
-    deadline = anyio.current_time() + timeout
-    join_ref = await _find_join_actor(node, driver, deadline, timeout)
-    request = {"address": node.address, "node": node.node_id, "rank": rank, "info": node.info}
-    answer = await join_ref.ask("join", request, ref, timeout=60.0)
-    if not isinstance(answer, dict):
-        raise ProtocolError(f"the driver at {driver} answered the join with {answer!r:.100}")
-    if "refused" in answer:
-        raise JoinRefused(f"the driver at {driver} refused this node: {answer['refused']}",
-                          ended=bool(answer.get("ended")))
-    got, world = answer.get("rank"), answer.get("world_size")
-    if not isinstance(got, int) or not isinstance(world, int):
-        raise ProtocolError(f"the driver at {driver} answered the join with {answer!r:.100}")
+    try:
+        node.info["rank"] = rank
+        deadline = anyio.current_time() + timeout
+        join_ref = await _find_join_actor(node, driver, deadline, timeout)
+        request = {"address": node.address, "node": node.node_id, "rank": rank,
+                   "info": node.info}
+        answer = await join_ref.ask("join", request, ref, timeout=60.0)
+        if not isinstance(answer, dict):
+            raise ProtocolError(f"the driver at {driver} answered the join with "
+                                f"{answer!r:.100}")
+        if "refused" in answer:
+            raise JoinRefused(f"the driver at {driver} refused this node: "
+                              f"{answer['refused']}", ended=bool(answer.get("ended")))
+        got, world = answer.get("rank"), answer.get("world_size")
+        if not isinstance(got, int) or not isinstance(world, int):
+            raise ProtocolError(f"the driver at {driver} answered the join with "
+                                f"{answer!r:.100}")
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await ref.stop()   # no membership: no member
+        raise
     node.info["rank"] = got
     return Membership(got, world, driver, join_ref, left, reasons)
 
