@@ -165,3 +165,19 @@ def test_under_torchrun(tmp_path: Path) -> None:
     seen = json.loads(out.read_text())
     assert [(s["rank"], s["local_rank"], s["source"]) for s in seen] == [
         (1, 1, "torchrun"), (2, 2, "torchrun")]
+
+
+@pytest.mark.timeout(240)
+def test_the_example_script_trains_under_shardline_run(tmp_path: Path) -> None:
+    """examples/slurm/train.py (what train.sbatch and the StatefulSet run) on 3 local
+    ranks; the real Slurm run is tests/test_cluster_slurm.py."""
+    script = Path(__file__).resolve().parent.parent / "examples" / "slurm" / "train.py"
+    procs = launch(3, script, "--steps", "2", "--dim", "32", "--blocks", "2", "--seq", "32",
+                   "--batch", "8", "--microbatches", "2", "--out", str(tmp_path / "ckpt"))
+    try:
+        outs = [p.communicate(timeout=200) for p in procs]
+    finally:
+        results(procs)   # reaps whatever is left
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    assert "stage on rank 1:" in outs[0][0] and "stage on rank 2:" in outs[0][0]
+    assert "step 2/2" in outs[0][0] and (tmp_path / "ckpt").is_dir()
