@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--server-key", metavar="KEY",
                       help="the driver's CURVE public key (Z85 or a .key file), if ADDR "
                       "does not carry it as ';key=...'; the driver may then connect back")
-    node.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    node.add_argument("--rank", type=int, default=None,
+                      help="with --join: ask for this rank (1..N; default: the lowest free)")
     node.add_argument("--join-timeout", type=float, default=120.0, metavar="SECONDS",
                       help="how long to wait for the driver (default 120)")
     node.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
