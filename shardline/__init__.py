@@ -9,6 +9,8 @@ from ._errors import ActorNameTaken as ActorNameTaken
 from ._errors import ActorNotFound as ActorNotFound
 from ._errors import ActorStopped as ActorStopped
 from ._errors import AskTimeout as AskTimeout
+from ._errors import ClusterTimeout as ClusterTimeout
+from ._errors import JoinRefused as JoinRefused
 from ._errors import MethodNotFound as MethodNotFound
 from ._errors import NodeLost as NodeLost
 from ._errors import ProtocolError as ProtocolError
@@ -21,6 +23,7 @@ from ._version import __version__ as __version__
 from .actors import Actor as Actor
 from .actors import ActorMesh as ActorMesh
 from .actors import ActorRef as ActorRef
+from .actors import Cluster as Cluster
 from .actors import LocalCluster as LocalCluster
 from .actors import MeshError as MeshError
 from .actors import Node as Node
@@ -47,6 +50,9 @@ __all__ = [
     "ActorRef",
     "ActorStopped",
     "AskTimeout",
+    "Cluster",
+    "ClusterTimeout",
+    "JoinRefused",
     "LocalCluster",
     "MeshError",
     "MethodNotFound",

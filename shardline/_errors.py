@@ -19,6 +19,8 @@ __all__ = [
     "SerializationError",
     "ProtocolError",
     "Unauthorized",
+    "JoinRefused",
+    "ClusterTimeout",
 ]
 
 
@@ -79,3 +81,21 @@ class ProtocolError(ShardlineError):
 
 class Unauthorized(ShardlineError, PermissionError):
     """A CURVE handshake or a spawn allow-list refused the request."""
+
+
+class JoinRefused(ShardlineError):
+    """A cluster's driver turned a worker away (it joined twice, claimed a rank that is
+    taken, the cluster is full, or its request was malformed); the message says which.
+
+    ``ended`` is true when the refusal only means the driver's script has already
+    finished: a worker told so exits with status 0.
+    """
+
+    def __init__(self, message: str, *, ended: bool = False) -> None:
+        super().__init__(message)
+        self.ended = ended
+
+
+class ClusterTimeout(ShardlineError, TimeoutError):
+    """Workers did not all join (or a worker found no driver) before the deadline; the
+    message says how many joined out of how many expected, and from where."""

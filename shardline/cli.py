@@ -1,5 +1,6 @@
 """The ``shardline`` command: ``demo`` shows the system at work, ``node`` runs a worker
-node, ``serve`` serves a model over HTTP, ``keys`` manages CURVE keys."""
+node, ``run`` runs a script on every rank of a launched job, ``serve`` serves a model
+over HTTP, ``keys`` manages CURVE keys."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     node = sub.add_parser("node", help="run a worker node until SIGINT/SIGTERM")
-    node.add_argument("--listen", default=os.environ.get("SHARDLINE_LISTEN",
-                                                         "tcp://127.0.0.1:0"),
-                      help="address to bind (default tcp://127.0.0.1:0: a free port)")
+    node.add_argument("--listen", default=None,
+                      help="address to bind (default $SHARDLINE_LISTEN, else "
+                      "tcp://127.0.0.1:0: a free port; with --join to a driver on "
+                      "another host, tcp://0.0.0.0:0)")
     node.add_argument("--allow", action="append", default=[], metavar="MODULE",
                       help="module (or package) peers may spawn actors from; repeatable")
     node.add_argument("--advertise", help="address other nodes use to reach this one "
@@ -47,11 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--exit-with-parent", action="store_true",
                       help="stop when the process that started this node dies "
                       "(LocalCluster sets it, so a killed driver leaves no workers behind)")
+    node.add_argument("--join", metavar="ADDR",
+                      help="join the cluster whose driver listens at ADDR (sl.Cluster); "
+                      "exit when it ends")
+    node.add_argument("--server-key", metavar="KEY",
+                      help="the driver's CURVE public key (Z85 or a .key file), if ADDR "
+                      "does not carry it as ';key=...'; the driver may then connect back")
+    node.add_argument("--rank", type=int, default=None,
+                      help="with --join: ask for this rank (1..N; default: the lowest free)")
+    node.add_argument("--join-timeout", type=float, default=120.0, metavar="SECONDS",
+                      help="how long to wait for the driver (default 120)")
     node.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                       help="serve Prometheus metrics of this node's actors and peers on "
                       "http://127.0.0.1:PORT/metrics (0: a free port, printed on the first "
                       "line); needs prometheus_client")
     node.add_argument("--log-level", default=os.environ.get("SHARDLINE_LOG", "WARNING"))
+
+    run = sub.add_parser("run", help="run a script on every rank of a job (torchrun, srun, "
+                         "mpirun, a StatefulSet): rank 0 runs it, the others join as workers")
+    from ._run_command import add_arguments as run_arguments
+
+    run_arguments(run)
 
     demo = sub.add_parser("demo", help="train a small GPT across worker processes, then "
                           "sample from it: the whole system in about a minute")
@@ -81,6 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         return run_node(args)
+    if args.command == "run":
+        from ._run_command import run_command
+
+        logging.basicConfig(level=os.environ.get("SHARDLINE_LOG", "WARNING").upper(),
+                            stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return run_command(args)
     if args.command == "demo":
         from .demo import demo_command
 

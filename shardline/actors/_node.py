@@ -27,6 +27,7 @@ from ..transport import (
 from ..transport import load_allow_keys as _load_allow_keys
 from ._actor import Actor
 from ._cell import ActorCell
+from ._hostinfo import ask_info, describe
 from ._lifecycle import OnError, RestartPolicy, StopInfo, StopReason
 from ._looplag import LoopLag
 from ._mesh import ActorMesh, spawn_many
@@ -99,6 +100,8 @@ class Node:
         self.stop_timeout = stop_timeout
         self.max_queued_bytes = max_queued_bytes
         self.loop_lag = LoopLag()
+        # What peers learn about this node when they connect (host, pid, devices, rank).
+        self.info: dict[str, Any] = describe()
         # Prometheus metrics of this node's actors and peers (imported only when asked)
         self.metrics: NodeMetrics | None = None
         if metrics:
@@ -146,6 +149,7 @@ class Node:
                 limits=self.limits, peer_timeout=self.peer_timeout,
                 heartbeat_interval=self.heartbeat_interval, keys=self.keys,
                 allow_keys=self.allow_keys, max_queued_bytes=self.max_queued_bytes)
+            self._endpoint.info = self.info
             self._endpoint.start(self._tg)
         return self._endpoint
 
@@ -233,7 +237,8 @@ class Node:
         """Connect to the node at ``address`` (handshake included) and return it."""
         peer = await self._peer(address, timeout)
         assert peer.node_id is not None
-        return RemoteNode(self, address, peer.node_id)
+        info = await ask_info(peer, self.node_id, self.address, timeout or self.connect_timeout)
+        return RemoteNode(self, address, peer.node_id, info)
 
     async def lookup(self, address: str, name: str, *,
                      timeout: float | None = None) -> ActorRef:

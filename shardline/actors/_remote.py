@@ -157,12 +157,27 @@ def _stop_info_from_wire(info: Any) -> StopInfo:
 
 
 class RemoteNode:
-    """Another node, as seen from this one (``await node.connect(address)``)."""
+    """Another node, as seen from this one (``await node.connect(address)``).
 
-    def __init__(self, node: Node, address: str, node_id: str) -> None:
+    ``devices`` lists what the node may compute on (``"cpu"``, ``"cuda:0"``, ...), so
+    placement can say ``(node, node.devices[-1])``; ``host``, ``pid``, ``rank`` and
+    ``local_rank`` are what it said about itself (``None`` where unknown).
+    """
+
+    def __init__(self, node: Node, address: str, node_id: str,
+                 info: dict[str, Any] | None = None) -> None:
         self._node = node
         self.address = address
         self.node_id = node_id
+        info = info or {}
+        self.devices: list[str] = list(info.get("devices") or ["cpu"])
+        self.host: str | None = info.get("host")
+        self.pid: int | None = info.get("pid")
+        self.rank: int | None = info.get("rank")
+        self.local_rank: int | None = info.get("local_rank")
+        # Why its process is known to have ended (set by a supervisor): new requests
+        # fail at once instead of trying to reconnect to a dead address.
+        self._ended: str | None = None
 
     async def spawn(self, cls: str, *args: Any, name: str | None = None,
                     mailbox_size: int = 1024, on_error: OnError = "resume",
@@ -171,6 +186,8 @@ class RemoteNode:
         """Spawn ``"pkg.module:Class"`` there; the peer must allow ``pkg.module``."""
         if not isinstance(cls, str) or ":" not in cls:
             raise TypeError(f"remote spawn takes an import path 'pkg.module:Class', got {cls!r}")
+        if self._ended is not None:
+            raise NodeLost(self._ended)
         peer = await self._node._peer(self.address)
         ref = await peer.call({
             "v": V, "k": "spawn", "cls": cls, "a": args, "kw": kwargs,
@@ -181,11 +198,14 @@ class RemoteNode:
 
     async def lookup(self, name: str, *, timeout: float | None = None) -> ActorRef:
         """The ref of the actor called ``name`` there (``ActorNotFound`` if none)."""
+        if self._ended is not None:
+            raise NodeLost(self._ended)
         peer = await self._node._peer(self.address)
         return _expect_ref(await peer.call({"v": V, "k": "lookup", "name": name}, timeout))
 
     def __repr__(self) -> str:
-        return f"<RemoteNode {self.address} id={self.node_id}>"
+        rank = "" if self.rank is None else f" rank={self.rank}"
+        return f"<RemoteNode {self.address} id={self.node_id}{rank}>"
 
 
 def _expect_ref(value: Any) -> ActorRef:

@@ -126,6 +126,9 @@ class Endpoint:
         self._pong = codec.encode({"v": PROTOCOL_VERSION, "k": "pong", "node": node_id})
         # (route, request id) -> Reply of asks being handled, so a "cancel" finds them.
         self.inflight: dict[tuple[bytes, int], Reply] = {}
+        # What the hello answer says about this node beyond its id (host, devices, ...);
+        # the layer above fills it in.
+        self.info: dict[str, Any] = {}
         self._closed = False
 
     # -- sockets -------------------------------------------------------------------
@@ -272,7 +275,7 @@ class Endpoint:
             self.inflight[(route, rid)] = reply
         elif kind == "hello":
             reply.set_result({"v": PROTOCOL_VERSION, "node": self.node_id,
-                              "addr": self.address})
+                              "addr": self.address, "info": self.info})
             return
         try:
             self._handler(msg, reply)
