@@ -12,9 +12,9 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from ..transport import PROTOCOL_VERSION, Peer
+from ..transport import Peer
 
-__all__ = ["ask_info", "describe", "devices", "gpu_count", "local_rank_from_env", "parse_info"]
+__all__ = ["describe", "devices", "gpu_count", "local_rank_from_env", "parse_info", "peer_info"]
 
 # Local rank, in order: shardline's own, torchrun, Slurm, Open MPI, MPICH / Intel MPI.
 LOCAL_RANK_VARS = ("SHARDLINE_LOCAL_RANK", "LOCAL_RANK", "SLURM_LOCALID",
@@ -97,9 +97,6 @@ def parse_info(raw: Any) -> dict[str, Any]:
             "devices": listed or ["cpu"]}
 
 
-async def ask_info(peer: Peer, asker: str, address: str, timeout: float) -> dict[str, Any]:
-    """The self-description in ``peer``'s hello answer (a second hello: the transport's
-    own keeps only the node id)."""
-    answer = await peer.call({"v": PROTOCOL_VERSION, "k": "hello", "node": asker,
-                              "addr": address}, timeout)
-    return parse_info(answer.get("info") if isinstance(answer, dict) else None)
+def peer_info(peer: Peer) -> dict[str, Any]:
+    """The self-description the node sent in its hello answer."""
+    return parse_info(getattr(peer, "info", None))

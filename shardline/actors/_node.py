@@ -27,7 +27,7 @@ from ..transport import (
 from ..transport import load_allow_keys as _load_allow_keys
 from ._actor import Actor
 from ._cell import ActorCell
-from ._hostinfo import ask_info, describe
+from ._hostinfo import describe, peer_info
 from ._lifecycle import OnError, RestartPolicy, StopInfo, StopReason
 from ._looplag import LoopLag
 from ._mesh import ActorMesh, spawn_many
@@ -237,7 +237,7 @@ class Node:
         """Connect to the node at ``address`` (handshake included) and return it."""
         peer = await self._peer(address, timeout)
         assert peer.node_id is not None
-        info = await ask_info(peer, self.node_id, self.address, timeout or self.connect_timeout)
+        info = peer_info(peer)
         return RemoteNode(self, address, peer.node_id, info)
 
     async def lookup(self, address: str, name: str, *,

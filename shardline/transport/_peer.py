@@ -53,6 +53,7 @@ class Peer:
         self.endpoint = endpoint
         self.address = address
         self.node_id: str | None = None
+        self.info: Any = None
         self._loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
         self.pending: dict[int, asyncio.Future[Any]] = {}
@@ -243,6 +244,8 @@ class Peer:
         if not isinstance(node, str):
             raise ProtocolError(f"node {self.address} sent a hello without a node id")
         self.node_id = node
+        # what the node says about itself (host, pid, devices): the layers above read it
+        self.info = info.get("info")
         self._refused_is_lost = False
 
     def _stop_monitor(self) -> None:
