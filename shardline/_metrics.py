@@ -39,8 +39,18 @@ class NodeMetrics:
         self._node = node
         self._counts = [0] * (len(_BUCKETS) + 1)
         self._sum = 0.0
+        self.recoveries: dict[str, int] = {}
+        self.nonfinite_losses = 0
         self.registry = CollectorRegistry()
         self.registry.register(self)
+
+    def count_recovery(self, what: str) -> None:
+        """A recovery happened: ``what`` was lost and replaced ("stage": a pipeline's
+        stages moved to another node; "worker": a worker process restarted)."""
+        self.recoveries[what] = self.recoveries.get(what, 0) + 1
+
+    def count_nonfinite(self, losses: int) -> None:
+        self.nonfinite_losses += losses
 
     def observe_ask(self, seconds: float) -> None:
         self._counts[bisect.bisect_left(_BUCKETS, seconds)] += 1
@@ -110,6 +120,15 @@ class NodeMetrics:
             buckets=_cumulative(LAG_BUCKETS, lag.counts), sum_value=lag.total)
         yield GaugeMetricFamily("shardline_loop_lag_max_seconds",
                                 "Largest event loop lag since the node started", value=lag.max)
+        recovered = CounterMetricFamily("shardline_recoveries",
+                                        "Failures recovered from, by what was replaced",
+                                        labels=["what"])
+        for what, count in sorted(self.recoveries.items()):
+            recovered.add_metric([what], count)
+        yield recovered
+        yield CounterMetricFamily("shardline_nonfinite_losses",
+                                  "Training microbatch losses that were NaN or infinite",
+                                  value=self.nonfinite_losses)
         endpoint = node._endpoint
         out = None if endpoint is None else endpoint.outgoing_statistics()
         if out is not None:

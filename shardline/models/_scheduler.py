@@ -243,7 +243,11 @@ class Scheduler(Actor):
         if failure:
             raise self._error(failure[0], "")
         losses = [v for r in range(replicas) for v in results[(r, last)]["losses"].values()]
-        self.nonfinite_losses += sum(1 for v in losses if not math.isfinite(v))
+        nonfinite = sum(1 for v in losses if not math.isfinite(v))
+        if nonfinite:
+            self.nonfinite_losses += nonfinite
+            if self.node.metrics is not None:
+                self.node.metrics.count_nonfinite(nonfinite)
         self._last_loss = sum(losses) / len(losses)
 
         version = self.committed + 1
@@ -392,6 +396,8 @@ class Scheduler(Actor):
             "from": mode, "step": self.committed + 1, "start": started,
             "seconds": time.time() - started, "error": str(exc)}
         self.recoveries.append(record)
+        if self.node.metrics is not None:
+            self.node.metrics.count_recovery("stage")
         self._records.append({"step": -1, "what": "recover", "start": started,
                               "end": time.time(), "devices": []})
         log.warning("pipeline recovered from the loss of %s in %.2f s: stages %s moved to "

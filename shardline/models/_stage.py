@@ -81,6 +81,7 @@ class StageActor(Actor):
         self._snapshots = Versions(keep=2)
         self.version = 0                           # training steps committed here
         self._sync: GradSync | None = None         # gradient averaging over replicas
+        self._training: _Program | None = None     # the newest training step (device thread)
         self.replicas = 1
 
     @property
@@ -259,6 +260,18 @@ class StageActor(Actor):
             if program.cancelled:
                 return
             sync = self._sync if program.train else None
+            if program.train and program.pc == 0:
+                # Training steps run one at a time: a newer one means every older one
+                # was abandoned, even if word of that has not reached this actor yet.
+                # Without this fence, a late input could wake an old step's program
+                # and add its gradients to the new step's.
+                stale = self._training
+                self._training = program
+                if stale is not None and stale is not program:
+                    stale.cancelled = True
+                    self.link.finish(stale.step)
+            elif program.train and self._training is not program:
+                return
             if program.pc == 0 and program.train:
                 if sync is not None:
                     sync.zero()
@@ -312,7 +325,9 @@ class StageActor(Actor):
                 value = program.inputs.get(mb)
                 if value is None:
                     raise KeyError(f"stage 0 got no input for microbatch {mb}")
+            value = _tree.map_tensors(value, _aligned)
             target = program.targets.get(mb) if s == last else None
+            target = _tree.map_tensors(target, _aligned)
             x_leaves: list[torch.Tensor] = []
             loss: torch.Tensor | None = None
             if program.cache is not None and not program.train:
@@ -341,6 +356,7 @@ class StageActor(Actor):
             backward_weight(split, self._parameters(s))
             return None
         x_leaves, y = program.saved.pop((s, mb))
+        value = _tree.map_tensors(value, _aligned)
         if value is None and s < last:
             raise ValueError(f"stage {s} got no gradient for microbatch {mb}")
         if kind == "B":
@@ -567,6 +583,16 @@ class StageActor(Actor):
     async def import_state(self, state: State) -> int:
         await self._on_device(functools.partial(self._restore, state))
         return self.version
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when its memory is not 64-byte aligned (a view over a
+    received frame often is not). CPU kernels take other code paths for unaligned
+    data, which changes the last bits of a matmul: a stage computes the same bits for
+    the same input only if the input is always aligned the same way."""
+    if t.device.type == "cpu" and t.data_ptr() % 64:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def _copy(value: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
