@@ -122,8 +122,8 @@ async def test_a_lost_replica_stage_is_restored_from_its_sibling() -> None:
         expected = [await pipe.train_step(x, y) for x, y in data]
         expected_state = await pipe.state_dict()
         await pipe.stop()
-    async with sl.Node(peer_timeout=3.0) as driver, \
-            sl.LocalCluster(5, allow=["tests"], node=driver, peer_timeout=3.0) as cluster:
+    async with sl.Node() as driver, \
+            sl.LocalCluster(5, allow=["tests"], node=driver) as cluster:
         a, b, c, d, spare = cluster.nodes
         pipe = await Pipeline.start(driver, spec(), placement=[[a, b], [c, d]],
                                     spares=[spare], **kwargs)

@@ -222,8 +222,10 @@ async def test_a_failing_stage_surfaces_as_an_error() -> None:
         await pipe.stop()
 
 
-async def test_a_killed_stage_process_surfaces_within_peer_timeout() -> None:
-    peer_timeout = 1.0
+async def test_a_killed_stage_process_surfaces_long_before_peer_timeout() -> None:
+    """The cluster that started the worker knows it died and says so at once: the step
+    fails naming the stage and how the worker ended, not after peer_timeout."""
+    peer_timeout = 30.0
     # layers that take 0.2 s each way, as a GPU kernel would (the benchmark's model)
     nap = LayerSpec("bench.pipeline:nap_layers", {"forward_s": 0.2, "backward_s": 0.2}, 4)
     async with sl.Node(peer_timeout=peer_timeout) as driver, \
@@ -245,9 +247,10 @@ async def test_a_killed_stage_process_surfaces_within_peer_timeout() -> None:
             await anyio.sleep(0.3)
             t0 = time.monotonic()
             os.kill(cluster.pids()[1], signal.SIGKILL)
-        assert time.monotonic() - t0 <= peer_timeout + 1.0
+        assert time.monotonic() - t0 < peer_timeout / 2
         assert failed and isinstance(failed[0].__cause__, sl.NodeLost)
         assert "stage 1" in str(failed[0])
+        assert "killed by SIGKILL" in str(failed[0])
         await pipe.stop()
 
 

@@ -62,8 +62,8 @@ async def test_a_lost_stage_moves_to_a_spare_and_training_is_bitwise_unchanged(
     kwargs: dict[str, Any] = {"microbatches": 2, "loss_fn": CE, "optimizer": ADAM}
     expected_losses, expected = await uninterrupted(data, **kwargs)
     slow = 0.05 if when == "mid_step" else 0.0
-    async with sl.Node(peer_timeout=3.0) as driver, \
-            sl.LocalCluster(3, allow=["tests"], node=driver, peer_timeout=3.0) as cluster:
+    async with sl.Node() as driver, \
+            sl.LocalCluster(3, allow=["tests"], node=driver) as cluster:
         pipe = await Pipeline.start(driver, spec(slow), placement=cluster.nodes[:2],
                                     spares=cluster.nodes[2:], snapshot_every=1, **kwargs)
         losses = [await pipe.train_step(x, y) for x, y in data[:2]]
@@ -95,8 +95,8 @@ async def test_snapshots_every_k_steps_replay_the_steps_since() -> None:
     data = batches(6)
     kwargs: dict[str, Any] = {"microbatches": 2, "loss_fn": CE, "optimizer": ADAM}
     expected_losses, expected = await uninterrupted(data, **kwargs)
-    async with sl.Node(peer_timeout=3.0) as driver, \
-            sl.LocalCluster(3, allow=["tests"], node=driver, peer_timeout=3.0) as cluster:
+    async with sl.Node() as driver, \
+            sl.LocalCluster(3, allow=["tests"], node=driver) as cluster:
         pipe = await Pipeline.start(driver, spec(), placement=cluster.nodes[:2],
                                     spares=cluster.nodes[2:], snapshot_every=3, **kwargs)
         losses = [await pipe.train_step(x, y) for x, y in data[:5]]
@@ -109,8 +109,8 @@ async def test_snapshots_every_k_steps_replay_the_steps_since() -> None:
 
 
 async def test_without_a_spare_the_loss_is_a_pipeline_error() -> None:
-    async with sl.Node(peer_timeout=3.0) as driver, \
-            sl.LocalCluster(2, allow=["tests"], node=driver, peer_timeout=3.0) as cluster:
+    async with sl.Node() as driver, \
+            sl.LocalCluster(2, allow=["tests"], node=driver) as cluster:
         pipe = await Pipeline.start(driver, spec(), placement=cluster.nodes,
                                     microbatches=2, loss_fn=CE, optimizer=ADAM)
         await pipe.train_step(*batches(1)[0])
@@ -122,8 +122,8 @@ async def test_without_a_spare_the_loss_is_a_pipeline_error() -> None:
 
 
 async def test_losing_a_stage_and_its_snapshot_holder_together_names_both() -> None:
-    async with sl.Node(peer_timeout=3.0) as driver, \
-            sl.LocalCluster(4, allow=["tests"], node=driver, peer_timeout=3.0) as cluster:
+    async with sl.Node() as driver, \
+            sl.LocalCluster(4, allow=["tests"], node=driver) as cluster:
         pipe = await Pipeline.start(driver, spec(), placement=cluster.nodes[:2],
                                     spares=cluster.nodes[2:], microbatches=2, loss_fn=CE,
                                     optimizer=ADAM)
@@ -162,8 +162,8 @@ async def test_a_generate_stream_survives_the_loss_of_a_stage() -> None:
     from shardline.models import gpt
 
     prompt = [5, 9, 2, 7]
-    async with sl.Node(peer_timeout=3.0) as driver, \
-            sl.LocalCluster(3, node=driver, peer_timeout=3.0) as cluster:
+    async with sl.Node() as driver, \
+            sl.LocalCluster(3, node=driver) as cluster:
         pipe = await Pipeline.start(driver, gpt.spec(GPT), placement=cluster.nodes[:2],
                                     spares=cluster.nodes[2:])
         expected = [t async for t in pipe.generate(prompt, 24)]
@@ -186,8 +186,8 @@ async def test_inference_moves_to_the_other_replica_without_a_failed_call() -> N
     from shardline.models import gpt
 
     x = torch.randint(0, 64, (2, 8))
-    async with sl.Node(peer_timeout=3.0) as driver, \
-            sl.LocalCluster(4, node=driver, peer_timeout=3.0) as cluster:
+    async with sl.Node() as driver, \
+            sl.LocalCluster(4, node=driver) as cluster:
         a, b, c, d = cluster.nodes
         pipe = await Pipeline.start(driver, gpt.spec(GPT), replicas=2,
                                     placement=[[a, b], [c, d]])
