@@ -91,6 +91,7 @@ class Soak:
         self.opts = opts
         self.rng = random.Random(opts.seed)
         self.statuses: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()  # "STATUS PATH" of what was not a 2xx
         self.hostile: dict[str, Counter[str]] = {kind: Counter() for kind in HOSTILE}
         self.texts_embedded = 0
         self.kills = 0
@@ -127,11 +128,17 @@ class Soak:
                         status, _ = await conn.request(method, path, body)
                 except TimeoutError:
                     self.count("client_timeout")
+                    if self.measuring:
+                        self.failures[f"client_timeout {path}"] += 1
                     continue
                 except (OSError, asyncio.IncompleteReadError):
                     self.count("connection_error")
+                    if self.measuring:
+                        self.failures[f"connection_error {path}"] += 1
                     continue
                 self.count(status)
+                if status >= 300 and self.measuring:
+                    self.failures[f"{status} {path}"] += 1
                 if status == 200 and self.measuring:
                     self.texts_embedded += n
         finally:
@@ -267,7 +274,9 @@ async def run(url: str, proc: subprocess.Popen[str], texts: list[str],
             await anyio.sleep(min(60.0, left))
             if time.monotonic() < end:
                 emit(bench="soak", progress_s=round(time.monotonic() - started),
-                     by_status=dict(soak.statuses), server_rss_mb=rss_mb(proc.pid))
+                     by_status=dict(soak.statuses), failures=dict(soak.failures),
+                     server_rss_mb=rss_mb(proc.pid),
+                     workers_rss_mb=[rss_mb(w) for w in workers])
         elapsed = time.monotonic() - started
         after = await scrape(soak.host, soak.port)
         end_rss = {"server": rss_mb(proc.pid), "workers": [rss_mb(w) for w in workers]}
@@ -289,6 +298,7 @@ async def run(url: str, proc: subprocess.Popen[str], texts: list[str],
         "bench": "soak", "seconds": round(elapsed, 1), "warmup_s": round(warmup, 1),
         "clients": opts.clients, "hostile_share": opts.hostile,
         "by_status": dict(sorted(soak.statuses.items())),
+        "failures": dict(sorted(soak.failures.items())),
         "hostile": {k: dict(v) for k, v in soak.hostile.items()},
         "count_2xx": ok,
         "count_4xx": sum(n for c, n in soak.statuses.items() if c.startswith("4")),
@@ -317,10 +327,12 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--request-timeout", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-log", type=Path, default=None,
+                        help="keep the server's stderr (at log level info) in this file")
     opts = parser.parse_args()
     texts = corpus(400)
     with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "server.log"
+        log = opts.server_log or Path(tmp) / "server.log"
         with log.open("w") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "shardline.cli", "serve", "--model", "minilm",

@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shardline.models import minilm
 
@@ -237,6 +239,67 @@ def test_completions_bad_fields_are_400s_and_the_connection_goes_on(gpt: Server)
     assert not gpt.errors()
 
 
+# Anything JSON can say, with text no UTF-8 can carry often among it.
+texts = st.text(max_size=20) | st.text(st.characters(categories=["Cs"]), min_size=1,
+                                       max_size=3).map(lambda t: f"x{t}")
+anything = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=8)
+
+
+def fields(**known: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """A body with each known field absent, sensible, or anything at all."""
+    return st.fixed_dictionaries({}, optional={name: strategy | anything
+                                               for name, strategy in known.items()})
+
+
+FUZZ = settings(max_examples=120, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def assert_not_our_fault(r: httpx.Response) -> None:
+    assert r.status_code in (200, 400, 404), (r.status_code, r.text[:300])
+    if r.status_code != 200:
+        assert_openai_error(r.content)
+
+
+@pytest.mark.timeout(600)
+def test_any_embeddings_body_is_answered_without_a_5xx(server: Server) -> None:
+    bodies = fields(model=st.just("minilm"), input=texts | st.lists(texts, max_size=3),
+                    encoding_format=st.sampled_from(["float", "base64"]), user=texts)
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        @FUZZ
+        @given(bodies)
+        def check(body: dict[str, Any]) -> None:
+            assert_not_our_fault(client.post("/v1/embeddings", content=json.dumps(body)))
+
+        check()
+    assert not server.errors()
+
+
+@pytest.mark.timeout(600)
+def test_any_completions_body_is_answered_without_a_5xx(gpt: Server) -> None:
+    bodies = fields(
+        model=st.just("gpt"), prompt=texts | st.lists(texts, max_size=2),
+        max_tokens=st.integers(-1, 3), temperature=st.floats(-1, 3),
+        top_p=st.floats(-1, 2), seed=st.integers(-(1 << 70), 1 << 70),
+        stop=texts | st.lists(texts, max_size=5), stream=st.booleans(),
+        n=st.integers(0, 2), best_of=st.integers(0, 2))
+
+    with httpx.Client(base_url=gpt.url, timeout=60) as client:
+        @FUZZ
+        @given(bodies)
+        def check(body: dict[str, Any]) -> None:
+            if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 3:
+                body["max_tokens"] = 3  # valid, and quick
+            assert_not_our_fault(client.post("/v1/completions", content=json.dumps(body)))
+
+        check()
+    assert not gpt.errors()
+
+
 # --- Defect 2: a body too big is a 413, and a big one does not stall the server
 
 
@@ -259,6 +322,14 @@ def test_a_body_over_the_limit_is_413_and_the_server_keeps_serving(server: Serve
         assert status == 413 and "close" not in headers.get("connection", "")
         sock.sendall(huge)
         assert exchange(sock, "/v1/embeddings", json.dumps(GOOD).encode())[0] == 200
+
+    # A client waiting for "100 Continue" never sends the body: the connection ends.
+    with server.connect() as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nExpect: 100-continue"
+                     b"\r\nContent-Length: %d\r\n\r\n" % len(huge))
+        status, headers, answer = read_response(sock)
+        assert status == 413 and headers["connection"] == "close"
+        assert read_until_closed(sock) == b""
 
     # A chunked body has no declared length: counted as it comes.
     with server.connect() as sock:
@@ -377,6 +448,28 @@ def test_connections_that_stall_are_closed(tight: Server) -> None:
     for sock in [*idle, *heads, *bodies, flood, drip]:
         sock.close()
 
+    # Answered 413 by its declared length, a body is read and dropped, within bounds:
+    # a dripping one for --body-timeout seconds, a big one up to 16 MiB.
+    with tight.connect() as slow:
+        send_request(slow, "/v1/embeddings", length=20_000_000)
+        assert read_response(slow)[0] == 413
+        for _ in range(12):
+            try:
+                slow.sendall(b"x")
+            except OSError:
+                break
+            time.sleep(1)
+        assert read_until_closed(slow) == b""
+    with tight.connect() as big:
+        send_request(big, "/v1/embeddings", length=40_000_000)
+        assert read_response(big)[0] == 413
+        try:
+            for _ in range(40):
+                big.sendall(b"x" * 1_000_000)
+        except OSError:  # closed past 16 MiB
+            pass
+        assert read_until_closed(big) == b""
+
     after = tight.metrics()
 
     def grew(name: str) -> float:
@@ -385,6 +478,8 @@ def test_connections_that_stall_are_closed(tight: Server) -> None:
     assert grew('shardline_serve_connections_closed_total{reason="header_timeout"}') >= 70
     assert grew('shardline_serve_connections_closed_total{reason="header_too_large"}') >= 1
     assert grew('shardline_requests_total{endpoint="/v1/embeddings",status="408"}') >= 21
+    assert grew('shardline_serve_connections_closed_total{reason="drain_timeout"}') >= 1
+    assert grew('shardline_serve_connections_closed_total{reason="drain_too_large"}') >= 1
     # and the server still answers
     with httpx.Client(base_url=tight.url, timeout=60) as client:
         assert client.post("/v1/embeddings", json=GOOD).status_code == 200

@@ -65,19 +65,24 @@ class Gate:
         """A 401 for a missing key, a 413 for a declared body over the limit."""
         given = b""
         length = 0
+        waiting = False  # for "100 Continue" before it sends the body
         for name, value in scope["headers"]:
             if name == b"authorization":
                 given = value
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else 0  # the parser checked it
+            elif name == b"expect":
+                waiting = value.lower() == b"100-continue"
         if self.expected is not None and path.startswith("/v1/") and \
                 not hmac.compare_digest(given, self.expected):
             return error_response(401, "Incorrect or missing API key: send "
                                   "'Authorization: Bearer KEY'.", code="invalid_api_key")
         if length > self.max_body_bytes:
-            # Kept alive: the server reads and drops the rest of the body (up to a bound),
-            # so a client that sends all of it before reading still gets this answer.
-            return error_response(413, too_large(length, self.max_body_bytes))
+            # Kept alive: the server reads and drops the body (up to a bound), so a client
+            # that sends all of it before reading still gets this answer; but one waiting
+            # to be asked for it will not send it, so the connection has no next request.
+            return error_response(413, too_large(length, self.max_body_bytes),
+                                  headers={"Connection": "close"} if waiting else None)
         return None
 
 
