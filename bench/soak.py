@@ -9,8 +9,10 @@ limit, 100,000-deep nesting, lone surrogates and bytes that are not UTF-8, bodie
 short, connections that never send a byte or never finish their head. After a warm-up
 (a fifth of the run, at most a minute) the run is measured: statuses by code, resident
 memory of the server and of each worker at the start and the end of the measured part
-(growth is the ratio, the baseline of the same run), the server's event-loop lag p99
-(from its /metrics), throughput. One JSON line every minute, one at the end.
+(growth is the ratio, the baseline of the same run; also over the second half alone,
+which tells a leak, growing all along, from the allocator settling, which stops), the
+server's event-loop lag p99 (from its /metrics), throughput. A JSON line every minute
+(or quarter of the measured part, if shorter), one at the end.
 
 ``--kill-every S`` SIGKILLs a random worker every S seconds (off by default): until the
 server replaces lost workers, requests after a kill get 503.
@@ -268,26 +270,37 @@ async def run(url: str, proc: subprocess.Popen[str], texts: list[str],
         soak.measuring = True
         started = time.monotonic()
         before = await scrape(soak.host, soak.port)
-        start_rss = {"server": rss_mb(proc.pid), "workers": [rss_mb(w) for w in workers]}
-        end = started + opts.seconds - warmup
+        def rss() -> dict[str, Any]:
+            return {"server": rss_mb(proc.pid), "workers": [rss_mb(w) for w in workers]}
+
+        start_rss = rss()
+        measured = opts.seconds - warmup
+        end = started + measured
+        samples: list[tuple[float, dict[str, Any]]] = [(0.0, start_rss)]
         while (left := end - time.monotonic()) > 0:
-            await anyio.sleep(min(60.0, left))
+            await anyio.sleep(min(60.0, measured / 4, left))
             if time.monotonic() < end:
-                emit(bench="soak", progress_s=round(time.monotonic() - started),
+                samples.append((time.monotonic() - started, rss()))
+                emit(bench="soak", progress_s=round(samples[-1][0]),
                      by_status=dict(soak.statuses), failures=dict(soak.failures),
-                     server_rss_mb=rss_mb(proc.pid),
-                     workers_rss_mb=[rss_mb(w) for w in workers])
+                     server_rss_mb=samples[-1][1]["server"],
+                     workers_rss_mb=samples[-1][1]["workers"])
         elapsed = time.monotonic() - started
         after = await scrape(soak.host, soak.port)
-        end_rss = {"server": rss_mb(proc.pid), "workers": [rss_mb(w) for w in workers]}
+        end_rss = rss()
+        # a leak grows all along; the allocator's warm-up stops: compare the second half
+        middle = min(samples, key=lambda sample: abs(sample[0] - elapsed / 2))[1]
         stop.set()
         tg.cancel_scope.cancel()
 
     def growth(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else round(b / a - 1, 4)
 
-    growths = [growth(start_rss["server"], end_rss["server"])] + [
-        growth(a, b) for a, b in zip(start_rss["workers"], end_rss["workers"], strict=True)]
+    def growths(a: dict[str, Any], b: dict[str, Any]) -> list[float | None]:
+        return [growth(a["server"], b["server"])] + [
+            growth(x, y) for x, y in zip(a["workers"], b["workers"], strict=True)]
+
+    whole, second_half = growths(start_rss, end_rss), growths(middle, end_rss)
     ok = sum(n for code, n in soak.statuses.items() if code.startswith("2"))
     server_5xx = {code: n for code, n in soak.statuses.items() if code.startswith("5")}
     for kind in HOSTILE:
@@ -306,8 +319,11 @@ async def run(url: str, proc: subprocess.Popen[str], texts: list[str],
         "requests_per_s": round(ok / elapsed, 1),
         "texts_per_s": round(soak.texts_embedded / elapsed, 1),
         "rss_mb_idle": idle_rss, "rss_mb_start": start_rss, "rss_mb_end": end_rss,
-        "rss_growth": growths,
-        "max_rss_growth": max((g for g in growths if g is not None), default=None),
+        "rss_mb_middle": middle, "rss_growth": whole,
+        "max_rss_growth": max((g for g in whole if g is not None), default=None),
+        "rss_growth_second_half": second_half,
+        "max_rss_growth_second_half": max((g for g in second_half if g is not None),
+                                          default=None),
         "loop_lag_p50_s": lag_quantile(before, after, 0.50),
         "loop_lag_p99_s": lag_quantile(before, after, 0.99),
         "loop_lag_max_s": lag_quantile(before, after, 1.0),
