@@ -189,11 +189,30 @@ class Pipeline:
         """One optimizer step over the batch ``(x, y)`` split into microbatches (and
         across replicas); returns the mean of the microbatch losses. Steps run one at a
         time, in call order. A failed stage raises ``PipelineError``, with every weight
-        as it was before the step, unless the pipeline recovered (``spares``)."""
+        as it was before the step, unless the pipeline recovered (``spares``).
+        ``ValueError`` at once, before anything runs, when the pipeline has no loss or
+        the batch is too small to split."""
+        self._check_batch(x, y)
         if self.fleet.can_replace() or self.fleet.plan.replicas > 1:
             # kept for a replay after a recovery: the caller may reuse its tensors
             x, y = _tree.map_tensors(x, torch.clone), _tree.map_tensors(y, torch.clone)
         return float(await self._schedule("train_step", x, y))
+
+    def _check_batch(self, x: Any, y: Any) -> None:
+        if self.fleet.options.loss_fn is None:
+            raise ValueError("train_step needs a loss: start the pipeline with loss_fn=..., "
+                             "e.g. 'torch.nn.functional:cross_entropy'")
+        replicas, m = self.replicas, self.schedule.n_microbatches
+        for name, value in (("x", x), ("y", y)):
+            leaves = _tree.leaves(value)
+            if not leaves:
+                raise ValueError(f"{name} holds no tensor to split into microbatches")
+            rows = leaves[0].shape[0] if leaves[0].dim() else 0
+            if rows < replicas * m:
+                per = f"{replicas} replicas x {m}" if replicas > 1 else f"{m}"
+                raise ValueError(f"a batch of {rows} rows cannot be split into {per} "
+                                 f"microbatches; pass at least {replicas * m} rows or start "
+                                 "the pipeline with fewer microbatches")
 
     async def __call__(self, x: Any) -> Any:
         """Inference (no autograd state kept); concurrent calls overlap in the pipeline."""
