@@ -53,10 +53,6 @@ def run_node(args: argparse.Namespace) -> int:
     if problem:
         sys.stderr.write(f"shardline node: {problem} (see 'shardline node --help')\n")
         return 2
-    if args.keys and not args.allow_keys and not args.join:
-        sys.stderr.write(f"shardline node: warning: --keys without --allow-keys: only "
-                         f"clients holding the keypair in {args.keys} can connect; list "
-                         "the others' public keys with --allow-keys\n")
     # As ``python -m`` would: ``--allow myapp.actors`` finds ./myapp/actors.py. The
     # console script's own directory is sys.path[0] instead.
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -84,6 +80,10 @@ def run_node(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ImportError) as exc:
         sys.stderr.write(f"shardline node: {exc}\n")
         return 2
+    if args.keys and not args.allow_keys and not args.join:
+        sys.stderr.write(f"shardline node: warning: --keys without --allow-keys: only "
+                         f"clients holding the keypair in {args.keys} can connect; list "
+                         "the others' public keys with --allow-keys\n")
     try:
         return run(_serve(node, args.exit_with_parent, args.metrics_port, joining))
     except Exception as exc:  # one line saying what, never a traceback

@@ -102,14 +102,15 @@ def add_node_arguments(node: argparse.ArgumentParser) -> None:
                       help="most buffer frames in one message (default 1024)")
     node.add_argument("--exit-with-parent", action="store_true",
                       help="stop when the process that started this node dies "
-                      "(LocalCluster sets it, so a killed driver leaves no workers behind)")
+                      "(LocalCluster sets it, so a killed driver leaves no workers behind; "
+                      "default: run on)")
     node.add_argument("--join", metavar="ADDR",
                       help="join the cluster whose driver listens at ADDR (sl.Cluster); "
                       "exit when it ends (default: serve until SIGINT/SIGTERM)")
     node.add_argument("--server-key", metavar="KEY",
                       help="with --join: the driver's CURVE public key (Z85 or a .key "
                       "file), if ADDR does not carry it as ';key=...'; the driver may "
-                      "then connect back")
+                      "then connect back (default: the key in ADDR, else no CURVE)")
     node.add_argument("--rank", type=at_least(1), default=None,
                       help="with --join: ask for this rank (1..N; default: the lowest free)")
     node.add_argument("--join-timeout", type=positive_float, default=120.0,
