@@ -95,6 +95,14 @@ class ActorRef:
         self.__dict__[name] = method
         return method
 
+    # A ref names an actor; a copy would name the same one, so it is the ref itself
+    # (deep-copying the target would try to copy a live node).
+    def __copy__(self) -> ActorRef:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ActorRef:
+        return self
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ActorRef):
             return NotImplemented
