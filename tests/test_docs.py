@@ -109,6 +109,39 @@ def test_excerpts_at_least_compile() -> None:
         ast.parse(snippet.code, snippet.id, feature_version=(3, 10))
 
 
+# -- command lines in the pages ---------------------------------------------------------
+
+COMMAND = re.compile(r"shardline (node|run|demo|serve|keys generate)\b([^`|#\n]*)")
+
+
+def test_documented_command_line_flags_exist() -> None:
+    """Every ``--flag`` written after ``shardline node`` / ``run`` / ``demo`` / ``serve`` /
+    ``keys generate`` in the pages and examples is one that command takes."""
+    from shardline.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    options = {name: {o for a in p._actions for o in a.option_strings}
+               for name, p in sub.choices.items()}
+    keys = next(a for a in sub.choices["keys"]._actions
+                if a.__class__.__name__ == "_SubParsersAction")
+    options["keys generate"] = {o for a in keys.choices["generate"]._actions
+                                for o in a.option_strings}
+    checked = 0
+    for page in [*PAGES, *sorted((ROOT / "examples").glob("*.md"))]:
+        text = page.read_text().replace("\\\n", " ")
+        for match in COMMAND.finditer(text):
+            for token in match.group(2).split():
+                if token.endswith(".py"):
+                    break   # what follows is the script's
+                flag = token.strip("[]().,;").split("=")[0]
+                if flag.startswith("--"):
+                    assert flag in options[match.group(1)], \
+                        f"{page.name}: shardline {match.group(1)} has no {flag}"
+                    checked += 1
+    assert checked >= 20
+
+
 # -- the API reference -------------------------------------------------------------------
 
 @pytest.mark.timeout(180)
