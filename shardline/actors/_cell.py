@@ -331,6 +331,9 @@ class ActorCell:
                 try:
                     msg = recv.receive_nowait()
                 except anyio.WouldBlock:
+                    # Idle: keep nothing of the last message alive meanwhile (its tensors
+                    # may be shared memory that their sender waits to reuse).
+                    msg = args = kwargs = result = None  # type: ignore[assignment]
                     try:
                         msg = await recv.receive()
                     except anyio.EndOfStream:

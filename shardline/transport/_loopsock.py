@@ -19,6 +19,8 @@ from typing import Any
 
 import zmq
 
+from ._codec import discard
+
 __all__ = ["LoopSocket"]
 
 log = logging.getLogger("shardline.transport")
@@ -140,3 +142,6 @@ class LoopSocket:
         self._closed = True
         self._loop.remove_reader(self._fd)
         self.sock.close(linger=0)
+        for frames in self._outbox:
+            discard(frames)  # never sent: what they lend is free again
+        self._outbox.clear()

@@ -15,6 +15,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .._errors import AskTimeout, NodeLost, ProtocolError, ShardlineError, Unauthorized
 from ._address import parse_tcp
+from ._codec import message_size
+from ._exchange import Link, exchange
 from ._loopsock import LoopSocket
 from ._wire import PROTOCOL_VERSION, error_from_wire, salvage_id
 
@@ -65,6 +67,9 @@ class Peer:
         self._window_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Shared memory toward the node, when its process is on this host (the hello
+        # says): large buffers then go through it instead of the TCP connection.
+        self.shm: Link | None = None
         self._established = False  # a ZMTP handshake succeeded
         # Set during a reconnect: a refused connection then means the node is gone,
         # while a first connect waits (the node may still be starting).
@@ -100,8 +105,8 @@ class Peer:
             raise NodeLost(f"node {self.address} is lost ({self.lost_reason})")
         rid = next(self._ids)
         header["id"] = rid
-        frames = self.endpoint.codec.encode(header, _what(header))
-        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
+        frames = self.endpoint.codec.encode(header, _what(header), self.shm)
+        self.bytes_sent += message_size(frames)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self.pending[rid] = fut
         self.sock.send(frames)
@@ -230,6 +235,9 @@ class Peer:
         self._refused_is_lost = refused_is_lost
         header = {"v": PROTOCOL_VERSION, "k": "hello", "node": self.endpoint.node_id,
                   "addr": self.endpoint.address}
+        shm = self.endpoint.shm_info()
+        if shm is not None:
+            header["shm"] = shm
         try:
             info = await self.call(header, timeout)
         except AskTimeout:
@@ -243,6 +251,8 @@ class Peer:
         if not isinstance(node, str):
             raise ProtocolError(f"node {self.address} sent a hello without a node id")
         self.node_id = node
+        if shm is not None:
+            self.shm = exchange().link_to(info.get("shm"))
         self._refused_is_lost = False
 
     def _stop_monitor(self) -> None:
