@@ -115,7 +115,8 @@ def share(t: torch.Tensor, buffers: list[Any]) -> msgpack.ExtType | None:
     """The IPC form of CUDA tensor ``t`` when the peer is a process on this host that
     sees the same GPUs; None otherwise (the caller copies the bytes)."""
     link = shm_link(buffers)
-    if link is None or not enabled() or link.gpus != os.environ.get("CUDA_VISIBLE_DEVICES"):
+    if link is None or not link.confirmed or not enabled() or \
+            link.gpus != os.environ.get("CUDA_VISIBLE_DEVICES"):
         return None
     storage = t.untyped_storage()
     (device, handle, size_bytes, offset_bytes, rc_handle, rc_offset, event_handle,

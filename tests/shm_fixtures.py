@@ -72,3 +72,12 @@ class Holder(sl.Actor):
     def mappings(self) -> int:
         gc.collect()
         return len(memfd_mappings())
+
+
+class Probe(sl.Actor):
+    """What this process's shared-memory exchange holds."""
+
+    def statistics(self) -> dict[str, int]:
+        from shardline.transport._exchange import exchange
+
+        return exchange().statistics()

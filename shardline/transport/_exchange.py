@@ -1,15 +1,16 @@
 """Shared memory between the processes of one host: each process's ``Exchange``.
 
-A process that offers shared memory listens on an abstract Unix socket (no file:
-the name vanishes with the process) named after a random 63-bit token, ``proc``,
-which the ``hello`` announces together with the host id (docs/wire-protocol.md).
+A process that offers shared memory listens on an abstract Unix socket (no file: the
+name vanishes with the process) named after a random 63-bit token, ``proc``, which the
+``hello`` announces with the host id; device links listen on a second name derived
+from their TCP address (docs/wire-protocol.md, "Shared memory").
 
-Lending (the sending side): a buffer above the threshold goes into a *segment* (a
-sealed memfd) instead of a ZeroMQ frame. The segment's file descriptor goes to the
-receiving process once, over a SOCK_SEQPACKET connection to its socket (SCM_RIGHTS),
-always before the first message that names it; messages then carry only
-``[proc, segment, offset, nbytes]``. A pooled segment stays lent until the receiver
-says it released it; then it is reused, and given back to the kernel once idle.
+Lending: a buffer above the threshold goes into a *segment* (a sealed memfd) instead of
+a ZeroMQ frame. The segment's descriptor goes to the receiving process once, over a
+SOCK_SEQPACKET connection to its socket (SCM_RIGHTS), always before the first message
+that names it; messages carry only ``[proc, segment, offset, nbytes]``. A pooled
+segment stays lent until the receiver says it released it; then it is reused, and
+given back to the kernel once idle.
 
 Receiving: a message that names a segment not seen yet drains the connections (its
 descriptor is already there, since it was sent first), maps it once, and hands out
@@ -41,18 +42,17 @@ from typing import Any
 import msgpack
 
 from .._errors import ProtocolError
-from ._memfd import Mapping, check_sealed, host_id, new_memfd
+from ._memfd import Mapping, check_sealed, host_id
+from ._segments import IDLE_S, MAX_IDLE_BYTES, Pool, Segment, size_class
 
 __all__ = ["Exchange", "Link", "exchange", "poll_exchange", "size_class", "socket_name"]
 
 log = logging.getLogger("shardline.transport")
 
-# Datagrams on a lender's connection: lender -> receiver HELLO, SEGMENT (+ one
-# descriptor), FORGET; receiver -> lender RELEASE.
+# Datagrams (msgpack arrays): HELLO both ways when a connection opens; SEGMENT (with one
+# descriptor) and FORGET from the lender; RELEASE from the receiver.
 HELLO, SEGMENT, FORGET, RELEASE = 0, 1, 2, 3
 _MAX_SEGMENT = 1 << 40
-_IDLE_S = 10.0               # a pooled segment unused this long goes back to the kernel
-_MAX_IDLE_BYTES = 512 << 20  # and so does the oldest, past this many idle bytes
 _FDS = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 _SEND = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _CREDS = struct.Struct("3i")
@@ -63,81 +63,56 @@ def socket_name(proc: int) -> str:
     return f"\0shardline/{proc:016x}"
 
 
-def size_class(n: int) -> int:
-    """The segment size for an ``n``-byte buffer: at most 1/8 above it, whole pages, so
-    that buffers of about the same size reuse the same pooled segments."""
-    step = max((1 << max(0, n.bit_length() - 1)) >> 3, 4096)
-    return -(-n // step) * step
+def alias_name(address: str) -> str:
+    """The abstract Unix socket of the process that listens at TCP ``address``."""
+    return f"\0shardline/{address}"
 
 
 def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
 
 
-class _Segment:
-    """A memfd of this process and its mapping: pooled (frames are copied into it) or
-    a user's (``shared_empty``: a tensor lives in it and travels without a copy)."""
-
-    __slots__ = ("fd", "holders", "id", "idle_since", "lent_to", "mapping", "pooled", "size")
-
-    def __init__(self, seg_id: int, size: int, *, pooled: bool) -> None:
-        self.fd = new_memfd(size)
-        try:
-            self.mapping = Mapping(self.fd, size)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.id = seg_id
-        self.size = size
-        self.pooled = pooled
-        self.holders: set[Link] = set()   # links whose process has the descriptor
-        self.lent_to: Link | None = None  # pooled: who holds the one frame in it
-        self.idle_since = 0.0
-
-    def close(self) -> None:
-        self.mapping.unmap()
-        os.close(self.fd)
-
-
 class _Conn:
-    """One end of a lender connection: its socket and what could not be sent yet."""
+    """One connection between two processes: its socket, what could not be sent yet."""
 
-    __slots__ = ("alive", "sock", "unsent")
+    __slots__ = ("alive", "gpus", "proc", "sock", "unsent")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.alive = True
         self.unsent: deque[bytes] = deque()
+        self.proc: int | None = None   # the other process, once its HELLO was read
+        self.gpus: str | None = None   # its CUDA_VISIBLE_DEVICES (IPC needs the same)
 
 
 class Link(_Conn):
-    """This process lending to another process on the host (``proc``)."""
+    """A connection this process opened to lend to another one."""
 
-    __slots__ = ("gpus", "kept", "lent", "proc")
-
-    def __init__(self, proc: int, sock: socket.socket) -> None:
-        super().__init__(sock)
-        self.proc = proc
-        self.gpus: str | None = None  # its CUDA_VISIBLE_DEVICES: IPC needs the same
-        self.lent: dict[int, int] = {}  # segment id or keep token -> frames outstanding
-        self.kept: dict[int, Any] = {}  # keep token -> what it keeps alive
-
-    def __repr__(self) -> str:
-        return f"<shm link to {self.proc:016x}, {len(self.lent)} lent>"
-
-
-class _Lender(_Conn):
-    """A process lending to this one: the segments it sent and our mappings of them."""
-
-    __slots__ = ("proc", "segments")
+    __slots__ = ("confirmed", "lent")
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock)
-        self.proc: int | None = None  # known from its HELLO
-        self.segments: dict[int, _Received] = {}
+        self.confirmed = False  # its proc and gpus are known
+        self.lent: set[int] = set()  # segment ids and keep tokens it holds
+
+    def __repr__(self) -> str:
+        proc = "?" if self.proc is None else f"{self.proc:016x}"
+        return f"<shm link to {proc}, {len(self.lent)} lent>"
+
+
+class _Lender(_Conn):
+    """A connection another process opened to lend to this one."""
+
+    __slots__ = ("segments",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.segments: set[int] = set()
 
 
 class _Received:
+    """A segment another process lent this one: our mapping and its live views."""
+
     __slots__ = ("forgotten", "lender", "mapping", "seg", "views")
 
     def __init__(self, lender: _Lender, seg: int, mapping: Mapping) -> None:
@@ -160,21 +135,22 @@ class Exchange:
         self.pid = os.getpid()
         self.host = host_id()
         self.proc = secrets.randbits(63) or 1
+        self.gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._listener: socket.socket | None = None
+        self._listeners: dict[str, socket.socket] = {}
         self._unavailable = not self.host
-        self._links: dict[int, Link] = {}
-        self._unreachable: set[int] = set()
-        self._pending: list[_Lender] = []        # accepted, HELLO not read yet
-        self._lenders: dict[int, _Lender] = {}   # by their proc
-        self._segments: dict[int, _Segment] = {}
-        self._free: dict[int, list[_Segment]] = {}
-        self._free_bytes = 0
-        self._user_starts: list[int] = []        # user segments by address, for ``share``
-        self._user: dict[int, _Segment] = {}
+        self._links: dict[str, Link] = {}           # by the socket name we connected to
+        self._unreachable: set[str] = set()
+        self._lenders: list[_Lender] = []
+        self._received: dict[tuple[int, int], _Received] = {}  # (proc, segment)
+        self._segments: dict[int, Segment] = {}     # ours, by id
+        self._pool = Pool()
+        self._lent: dict[int, tuple[Link, Any]] = {}  # id -> holder, kept object
+        self._user_starts: list[int] = []           # user segments by address
+        self._user: dict[int, Segment] = {}
         self._dropped: deque[_Received] = deque()
-        self._retired: deque[_Segment] = deque()
+        self._retired: deque[Segment] = deque()
 
     # -- locking -----------------------------------------------------------------------
 
@@ -195,26 +171,46 @@ class Exchange:
             finally:
                 self._lock.release()
 
-    # -- handshake -----------------------------------------------------------------------
+    # -- connecting --------------------------------------------------------------------
+
+    def _listen(self, name: str) -> bool:
+        """Listen on abstract socket ``name`` (lock held)."""
+        if self._unavailable:
+            return False
+        if name in self._listeners:
+            return True
+        sock = _seqpacket()
+        try:
+            sock.bind(name)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            log.info("no shared memory at %r: %s", name[1:], exc)
+            return False
+        self._listeners[name] = sock
+        return True
 
     def hello_info(self) -> dict[str, Any] | None:
         """What a ``hello`` says about shared memory (None: not offered)."""
         with self._lock:
-            if self._listener is None and not self._unavailable:
-                sock = _seqpacket()
-                try:
-                    sock.bind(socket_name(self.proc))
-                    sock.listen(128)
-                except OSError as exc:
-                    sock.close()
-                    self._unavailable = True
-                    log.info("no shared memory between processes: %s", exc)
-                else:
-                    self._listener = sock
-            if self._listener is None:
+            if not self._listen(socket_name(self.proc)):
+                self._unavailable = True
                 return None
-        return {"host": self.host, "pid": self.pid, "proc": self.proc,
-                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        return {"host": self.host, "pid": self.pid, "proc": self.proc, "gpus": self.gpus}
+
+    def listen_at(self, address: str) -> bool:
+        """Also take connections from lenders that know this process only by the TCP
+        ``address`` it listens at (a device link)."""
+        if self.hello_info() is None:
+            return False
+        with self._lock:
+            return self._listen(alias_name(address))
+
+    def stop_listening_at(self, address: str) -> None:
+        with self._lock:
+            sock = self._listeners.pop(alias_name(address), None)
+            if sock is not None:
+                sock.close()
 
     def link_to(self, info: Any) -> Link | None:
         """The link to the process a ``hello``'s ``shm`` describes, if it is on this host
@@ -224,30 +220,39 @@ class Exchange:
         proc = info.get("proc")
         if not isinstance(proc, int) or not _is_id(proc):
             return None
+        gpus = info.get("gpus")
+        return self._connect(socket_name(proc), proc, gpus if isinstance(gpus, str) else None)
+
+    def link_to_address(self, address: str) -> Link | None:
+        """The link to the process listening at TCP ``address``, if it is one of this
+        host's and takes shared memory there (``listen_at``); its ``gpus`` are known
+        once its HELLO has been read."""
+        return self._connect(alias_name(address), None, None)
+
+    def _connect(self, name: str, proc: int | None, gpus: str | None) -> Link | None:
         with self._locked():
-            link = self._links.get(proc)
+            link = self._links.get(name)
             if link is not None:
                 if link.alive:
                     return link
                 self._link_gone(link)  # a send failed: its process closed the connection
-            if proc in self._unreachable:
+            if name in self._unreachable or self._unavailable:
                 return None
             sock = _seqpacket()
             try:
-                sock.connect(socket_name(proc))
-                sock.send(msgpack.packb([HELLO, self.proc]), _SEND)
+                sock.connect(name)
+                sock.send(msgpack.packb([HELLO, self.proc, self.gpus]), _SEND)
             except BlockingIOError:
-                sock.close()  # its backlog is full: TCP this time, try again next hello
+                sock.close()  # its backlog is full: TCP this time, try again later
                 return None
             except OSError as exc:
                 sock.close()
-                self._unreachable.add(proc)
-                log.info("process %016x on this host is unreachable for shared memory: %s",
-                         proc, exc)
+                self._unreachable.add(name)
+                log.debug("no shared memory toward %r: %s", name[1:], exc)
                 return None
-            link = self._links[proc] = Link(proc, sock)
-            gpus = info.get("gpus")
-            link.gpus = gpus if isinstance(gpus, str) else None
+            link = self._links[name] = Link(sock)
+            if proc is not None:
+                link.proc, link.gpus, link.confirmed = proc, gpus, True
             return link
 
     # -- lending ---------------------------------------------------------------------------
@@ -262,15 +267,15 @@ class Exchange:
             if seg is None:
                 return None
             if not self._hand(link, seg):
-                self._put_back(seg)
+                self._pool.put(seg)
                 return None
-            seg.lent_to = link
-            link.lent[seg.id] = 1
+            self._lend(link, seg.id, None)
         return seg.mapping.view(0, nbytes), [self.proc, seg.id, 0, nbytes]
 
     def share(self, link: Link, address: int, nbytes: int) -> list[int] | None:
         """The descriptor of ``[address, address + nbytes)`` if it lies in a segment of
-        this process (``shared_empty``): nothing is copied. None: it does not."""
+        this process (``shared_empty``): nothing is copied, and nothing is reused, so
+        nothing waits for a release. None: it does not lie in one."""
         if not self._user_starts:
             return None
         with self._locked():
@@ -281,27 +286,25 @@ class Exchange:
             start = seg.mapping.address
             if address + nbytes > start + seg.size or not self._hand(link, seg):
                 return None
-            link.lent[seg.id] = link.lent.get(seg.id, 0) + 1
         return [self.proc, seg.id, address - start, nbytes]
 
     def keep(self, link: Link, obj: Any) -> int:
         """Hold ``obj`` until ``link``'s process releases the returned token (or dies)."""
         with self._locked():
             token = next(self._ids)
-            link.kept[token] = obj
-            link.lent[token] = 1
+            self._lend(link, token, obj)
         return token
 
     def unlend(self, placed: list[tuple[Link, int]]) -> None:
         """Frames that were never sent: their segments and tokens are free again."""
         with self._locked():
-            for link, ident in placed:
-                self._released(link, ident, 1)
+            for _, ident in placed:
+                self._released(ident)
 
     def allocate(self, nbytes: int) -> Any:
         """A writable buffer of ``nbytes`` in a segment of its own, which lives as long
         as the buffer does (``shared_empty``); sending it copies nothing."""
-        seg = _Segment(next(self._ids), nbytes, pooled=False)
+        seg = Segment(next(self._ids), nbytes, pooled=False)
         buf = seg.mapping.view(0, nbytes)
         with self._locked():
             self._segments[seg.id] = seg
@@ -310,18 +313,20 @@ class Exchange:
         weakref.finalize(buf, self._retire_later, seg).atexit = False
         return buf
 
-    def _take(self, nbytes: int) -> _Segment | None:
+    def _lend(self, link: Link, ident: int, obj: Any) -> None:
+        self._lent[ident] = (link, obj)
+        link.lent.add(ident)
+
+    def _take(self, nbytes: int) -> Segment | None:
         size = size_class(nbytes)
-        free = self._free.get(size)
-        if not free:
+        seg = self._pool.take(size)
+        if seg is None:
             self._read_links()  # releases may be waiting there
-            free = self._free.get(size)
-        if free:
-            seg = free.pop()
-            self._free_bytes -= seg.size
+            seg = self._pool.take(size)
+        if seg is not None:
             return seg
         try:
-            seg = _Segment(next(self._ids), size, pooled=True)
+            seg = Segment(next(self._ids), size, pooled=True)
         except OSError as exc:
             log.warning("no shared-memory segment of %d bytes (%s): sending over TCP", size,
                         exc)
@@ -329,7 +334,7 @@ class Exchange:
         self._segments[seg.id] = seg
         return seg
 
-    def _hand(self, link: Link, seg: _Segment) -> bool:
+    def _hand(self, link: Link, seg: Segment) -> bool:
         """Make sure ``link``'s process has ``seg``'s descriptor (sent before any
         message that names it)."""
         if link in seg.holders:
@@ -345,42 +350,26 @@ class Exchange:
         seg.holders.add(link)
         return True
 
-    def _put_back(self, seg: _Segment) -> None:
-        seg.lent_to = None
-        seg.idle_since = time.monotonic()
-        self._free.setdefault(seg.size, []).append(seg)
-        self._free_bytes += seg.size
-        if self._free_bytes > _MAX_IDLE_BYTES:
-            self._trim(seg.idle_since)
-
-    def _released(self, link: Link, ident: int, n: int) -> None:
-        left = link.lent.get(ident, 0) - n
-        if left > 0:
-            link.lent[ident] = left
-            return
-        link.lent.pop(ident, None)
-        link.kept.pop(ident, None)
+    def _released(self, ident: int) -> None:
+        held = self._lent.pop(ident, None)
+        if held is None:
+            return  # a user segment (never waited for), or released already
+        held[0].lent.discard(ident)
         seg = self._segments.get(ident)
-        if seg is not None and seg.pooled and seg.lent_to is link:
-            self._put_back(seg)
+        if seg is not None and seg.pooled:
+            self._pool.put(seg)
+            if self._pool.idle_bytes > MAX_IDLE_BYTES:
+                self._trim(time.monotonic())
 
     def _trim(self, now: float) -> None:
-        """Give idle pooled segments back: those unused for a while, and the oldest
-        while too many bytes sit idle."""
-        idle = sorted((s for free in self._free.values() for s in free),
-                      key=lambda s: s.idle_since)
-        for seg in idle:
-            if now - seg.idle_since < _IDLE_S and self._free_bytes <= _MAX_IDLE_BYTES:
-                break
-            self._free[seg.size].remove(seg)
-            self._free_bytes -= seg.size
+        for seg in self._pool.expired(now):
             self._retire(seg)
 
-    def _retire_later(self, seg: _Segment) -> None:
+    def _retire_later(self, seg: Segment) -> None:
         self._retired.append(seg)  # a finalizer: any thread, maybe inside a locked section
         self._try_flush()
 
-    def _retire(self, seg: _Segment) -> None:
+    def _retire(self, seg: Segment) -> None:
         for link in seg.holders:
             if link.alive:
                 self._send_later(link, [FORGET, seg.id])
@@ -400,10 +389,10 @@ class Exchange:
         """A writable buffer over ``nbytes`` at ``offset`` of segment ``seg_id`` that
         process ``proc`` lent this one; released when the buffer is garbage."""
         with self._locked():
-            rec = self._find(proc, seg_id)
+            rec = self._received.get((proc, seg_id))
             if rec is None:
                 self._read_lenders()  # its descriptor was sent before the message
-                rec = self._find(proc, seg_id)
+                rec = self._received.get((proc, seg_id))
             if rec is None:
                 raise ProtocolError(f"shared-memory segment {seg_id} of process {proc:016x} "
                                     "is unknown here")
@@ -418,20 +407,28 @@ class Exchange:
     def acknowledge(self, proc: int, token: int) -> None:
         """Tell process ``proc`` that this one is done with its token (CUDA keep-alive)."""
         with self._locked():
-            lender = self._lenders.get(proc)
+            lender = self._lender_of(proc)
             if lender is None:
                 self._read_lenders()
-                lender = self._lenders.get(proc)
-            if lender is not None and lender.alive:
+                lender = self._lender_of(proc)
+            if lender is not None:
                 self._send_later(lender, [RELEASE, token, 1])
 
-    def _find(self, proc: int, seg_id: int) -> _Received | None:
-        lender = self._lenders.get(proc)
-        return None if lender is None else lender.segments.get(seg_id)
+    def _lender_of(self, proc: int) -> _Lender | None:
+        for lender in self._lenders:
+            if lender.proc == proc and lender.alive:
+                return lender
+        return None
 
     def _view_dropped(self, rec: _Received) -> None:
         self._dropped.append(rec)  # a finalizer: see _retire_later
         self._try_flush()
+
+    @staticmethod
+    def _forget(rec: _Received) -> None:
+        rec.forgotten = True
+        if rec.views == 0:
+            rec.mapping.unmap()
 
     # -- the sockets ------------------------------------------------------------------------
 
@@ -448,7 +445,7 @@ class Exchange:
         with self._locked():
             self._read_lenders()
             self._read_links()
-            self._trim(time.monotonic() + _IDLE_S)
+            self._trim(time.monotonic() + IDLE_S)
 
     def _flush(self) -> None:
         if self._dropped:
@@ -464,45 +461,49 @@ class Exchange:
                     self._send_later(lender, [RELEASE, seg, n])
         while self._retired:
             self._retire(self._retired.popleft())
-        for conn in (*self._links.values(), *self._lenders.values()):
+        for conn in (*self._links.values(), *self._lenders):
             if conn.unsent and conn.alive:
                 self._send_queued(conn)
 
-    def _send_later(self, conn: _Conn, msg: list[int]) -> None:
+    def _send_later(self, conn: _Conn, msg: list[Any]) -> None:
         conn.unsent.append(msgpack.packb(msg))
         self._send_queued(conn)
 
-    def _send_queued(self, conn: _Conn) -> None:
+    @staticmethod
+    def _send_queued(conn: _Conn) -> None:
         while conn.unsent:
             try:
                 conn.sock.send(conn.unsent[0], _SEND)
             except BlockingIOError:
                 return  # its buffer is full: the next flush tries again
             except OSError:
-                conn.alive = False
+                conn.alive = False  # gone: the next read of it cleans up
                 conn.unsent.clear()
                 return
             conn.unsent.popleft()
 
     def _read_lenders(self) -> None:
-        listener = self._listener
-        while listener is not None:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                log.warning("shared-memory socket: accept failed: %s", exc)
-                break
-            uid = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                _CREDS.size))[1]
-            if uid != os.getuid():
-                log.warning("refused a shared-memory connection from uid %d", uid)
-                sock.close()
-                continue
-            sock.setblocking(False)
-            self._pending.append(_Lender(sock))
-        for lender in (*self._pending, *self._lenders.values()):
+        for listener in self._listeners.values():
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    log.warning("shared-memory socket: accept failed: %s", exc)
+                    break
+                uid = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    _CREDS.size))[1]
+                if uid != os.getuid():
+                    log.warning("refused a shared-memory connection from uid %d", uid)
+                    sock.close()
+                    continue
+                sock.setblocking(False)
+                lender = _Lender(sock)
+                self._lenders.append(lender)
+                # Who we are, for a lender that found us by TCP address.
+                self._send_later(lender, [HELLO, self.proc, self.gpus])
+        for lender in list(self._lenders):
             self._read_lender(lender)
 
     def _read_lender(self, lender: _Lender) -> None:
@@ -521,22 +522,13 @@ class Exchange:
                 log.warning("dropped a bad shared-memory message: %s", exc)
             finally:
                 for fd in fds:
-                    if fd >= 0:
-                        os.close(fd)
+                    os.close(fd)
 
     def _on_lender_message(self, lender: _Lender, data: bytes, fds: list[int]) -> None:
-        msg = msgpack.unpackb(data)
-        if not isinstance(msg, list) or not msg or not all(_is_id(v) for v in msg):
-            raise ValueError(f"malformed message {msg!r:.80}")
+        msg = _parse(data)
         kind = msg[0]
-        if kind == HELLO and len(msg) == 2 and lender.proc is None:
-            proc = msg[1]
-            old = self._lenders.get(proc)
-            if old is not None:  # it reconnected: the old connection is dead to it
-                self._lender_gone(old)
-            lender.proc = proc
-            self._pending.remove(lender)
-            self._lenders[proc] = lender
+        if kind == HELLO and lender.proc is None:
+            lender.proc, lender.gpus = msg[1], msg[2]
         elif lender.proc is None:
             raise ValueError("a message before HELLO")
         elif kind == SEGMENT and len(msg) == 3 and len(fds) == 1:
@@ -545,33 +537,31 @@ class Exchange:
                 raise ValueError(f"segment size {size} out of range")
             check_sealed(fds[0], size)
             mapping = Mapping(fds[0], size)
-            replaced = lender.segments.pop(seg, None)
+            replaced = self._received.pop((lender.proc, seg), None)
             if replaced is not None:
+                replaced.lender.segments.discard(seg)
                 self._forget(replaced)
-            lender.segments[seg] = _Received(lender, seg, mapping)
+            self._received[(lender.proc, seg)] = _Received(lender, seg, mapping)
+            lender.segments.add(seg)
         elif kind == FORGET and len(msg) == 2:
-            rec = lender.segments.pop(msg[1], None)
-            if rec is not None:
+            rec = self._received.get((lender.proc, msg[1]))
+            if rec is not None and rec.lender is lender:
+                del self._received[(lender.proc, msg[1])]
+                lender.segments.discard(msg[1])
                 self._forget(rec)
         else:
             raise ValueError(f"unexpected message {msg!r:.80} with {len(fds)} descriptors")
-
-    @staticmethod
-    def _forget(rec: _Received) -> None:
-        rec.forgotten = True
-        if rec.views == 0:
-            rec.mapping.unmap()
 
     def _lender_gone(self, lender: _Lender) -> None:
         """Its process ended: what we mapped stays valid while our views live."""
         lender.alive = False
         lender.sock.close()
-        if lender.proc is not None and self._lenders.get(lender.proc) is lender:
-            del self._lenders[lender.proc]
-        elif lender in self._pending:
-            self._pending.remove(lender)
-        for rec in lender.segments.values():
-            self._forget(rec)
+        if lender in self._lenders:
+            self._lenders.remove(lender)
+        for seg in lender.segments:
+            rec = self._received.pop((lender.proc or 0, seg), None)
+            if rec is not None:
+                self._forget(rec)
         lender.segments.clear()
 
     def _read_links(self) -> None:
@@ -587,39 +577,38 @@ class Exchange:
                     self._link_gone(link)
                     break
                 try:
-                    msg = msgpack.unpackb(data)
-                    if not (isinstance(msg, list) and len(msg) == 3 and msg[0] == RELEASE
-                            and _is_id(msg[1]) and _is_id(msg[2])):
-                        raise ValueError(f"unexpected message {msg!r:.80}")
-                except (ValueError, msgpack.UnpackException) as exc:
+                    msg = _parse(data)
+                except (ValueError, TypeError, msgpack.UnpackException) as exc:
                     log.warning("dropped a bad shared-memory message: %s", exc)
                     continue
-                self._released(link, msg[1], msg[2])
+                if msg[0] == RELEASE and len(msg) == 3 and msg[1] in link.lent:
+                    self._released(msg[1])
+                elif msg[0] == HELLO and not link.confirmed:
+                    link.proc, link.gpus, link.confirmed = msg[1], msg[2], True
 
     def _link_gone(self, link: Link) -> None:
         """Its process ended: everything lent to it is free again."""
         link.alive = False
         link.sock.close()
-        if self._links.get(link.proc) is link:
-            del self._links[link.proc]
-        for ident, n in list(link.lent.items()):
-            self._released(link, ident, n)
-        link.kept.clear()
+        for name, known in list(self._links.items()):
+            if known is link:
+                del self._links[name]
+        for ident in list(link.lent):
+            self._released(ident)
         for seg in self._segments.values():
             seg.holders.discard(link)
 
     def close(self) -> None:
         """Close every socket (at exit). Mappings stay: views may outlive this."""
         with self._lock:
-            for conn in (*self._links.values(), *self._lenders.values(), *self._pending):
+            for conn in (*self._links.values(), *self._lenders):
                 conn.alive = False
                 conn.sock.close()
             self._links.clear()
             self._lenders.clear()
-            self._pending.clear()
-            if self._listener is not None:
-                self._listener.close()
-                self._listener = None
+            for sock in self._listeners.values():
+                sock.close()
+            self._listeners.clear()
             self._unavailable = True
 
     # -- introspection ------------------------------------------------------------------------
@@ -628,14 +617,27 @@ class Exchange:
         with self._locked():
             return {
                 "segments": len(self._segments),
-                "free_segments": sum(len(f) for f in self._free.values()),
-                "free_bytes": self._free_bytes,
-                "lent": sum(len(link.lent) for link in self._links.values()),
-                "kept": sum(len(link.kept) for link in self._links.values()),
+                "free_segments": len(self._pool),
+                "free_bytes": self._pool.idle_bytes,
+                "lent": len(self._lent),
                 "links": len(self._links),
                 "lenders": len(self._lenders),
-                "received": sum(len(lender.segments) for lender in self._lenders.values()),
+                "received": len(self._received),
             }
+
+
+def _parse(data: bytes) -> list[Any]:
+    """A datagram: ``[HELLO, proc, gpus]`` or ``[kind, id, ...]`` of unsigned ints."""
+    msg = msgpack.unpackb(data)
+    if not isinstance(msg, list) or not 2 <= len(msg) <= 3 or not _is_id(msg[0]) or \
+            not _is_id(msg[1]):
+        raise ValueError(f"malformed message {msg!r:.80}")
+    if msg[0] == HELLO:
+        if len(msg) != 3 or not (msg[2] is None or isinstance(msg[2], str)):
+            raise ValueError(f"malformed HELLO {msg!r:.80}")
+    elif len(msg) == 3 and not _is_id(msg[2]):
+        raise ValueError(f"malformed message {msg!r:.80}")
+    return msg
 
 
 def _seqpacket() -> socket.socket:
