@@ -69,6 +69,12 @@ class Holder(sl.Actor):
     def echo(self, value: Any) -> Any:
         return value
 
+    def on_gpu(self, t: torch.Tensor) -> dict[str, Any]:
+        return {"device": str(t.device), "sum": float(t.double().sum())}
+
+    def gpu_arange(self, n: int) -> torch.Tensor:
+        return torch.arange(n, dtype=torch.float32, device="cuda:0")
+
     def mappings(self) -> int:
         gc.collect()
         return len(memfd_mappings())
