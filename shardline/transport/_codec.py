@@ -33,6 +33,7 @@ __all__ = [
     "Decoder",
     "Encoder",
     "Frames",
+    "describe",
     "descriptor_buffer",
     "discard",
     "message_size",
@@ -200,8 +201,19 @@ def discard(frames: list[Any]) -> None:
 
 def message_size(frames: list[Any]) -> int:
     """Bytes a message moves: its frames plus what it carries in shared memory."""
-    n = sum(memoryview(f).nbytes for f in frames)
-    return n + frames.shm_bytes if type(frames) is Frames else n
+    if type(frames) is Frames:
+        return frames.shm_bytes + sum(memoryview(f).nbytes for f in frames)
+    if len(frames) == 1:
+        return len(frames[0])  # the header alone: bytes
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+def describe(header: Mapping[str, Any]) -> str:
+    """What a message is, for error messages: ``call 'incr'``, ``spawn``."""
+    kind = header.get("k")
+    if kind in ("call", "tell"):
+        return f"{kind} {header.get('m')!r}"
+    return str(kind)
 
 
 class _Unencodable(Exception):
@@ -342,14 +354,16 @@ class Codec:
         self.max_frame_size = max_frame_size
         # None: never shared memory, whatever the peer
         self.shm_min_bytes = default_shm_min_bytes()
+        self._no_frames = _Incoming()
 
     # -- encoding --------------------------------------------------------------
 
-    def encode(self, header: dict[str, Any], what: str = "message",
+    def encode(self, header: dict[str, Any], what: str | None = None,
                link: Link | None = None) -> list[Any]:
-        """``[header_bytes, *buffers]``; ``SerializationError`` names what cannot go.
-        ``link``: the peer is a process on this host, reachable by shared memory (large
-        buffers then go there; the result is ``Frames``)."""
+        """``[header_bytes, *buffers]``; ``SerializationError`` names what cannot go
+        (as ``what``, by default ``describe(header)``). ``link``: the peer is a process
+        on this host, reachable by shared memory (large buffers then go there; the
+        result is ``Frames``)."""
         if link is None or self.shm_min_bytes is None:
             buffers: list[Any] = []
         else:
@@ -364,6 +378,7 @@ class Codec:
                     "(they travel as raw frames)")
         except BaseException as exc:
             self._packer.reset()
+            what = what or describe(header)
             if type(buffers) is _Buffers and buffers.placed:
                 from ._exchange import exchange
 
@@ -440,7 +455,7 @@ class Codec:
         if len(header) > self.max_header_size:
             raise ProtocolError(
                 f"header of {len(header)} bytes is over the limit of {self.max_header_size}")
-        incoming = _Incoming(frames)
+        incoming = _Incoming(frames) if frames else self._no_frames
         incoming.max_frame_size = self.max_frame_size
         self._frames = incoming
         try:

@@ -260,7 +260,8 @@ class Endpoint:
                 f"{self.limits.max_frames}"))
             return
         try:
-            msg = self.codec.decode(header, [f.buffer for f in frames[2:]])
+            msg = self.codec.decode(header, [f.buffer for f in frames[2:]]
+                                    if len(frames) > 2 else [])
         except ProtocolError as exc:
             self._refuse(route, header, exc)
             return

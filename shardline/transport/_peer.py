@@ -15,7 +15,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .._errors import AskTimeout, NodeLost, ProtocolError, ShardlineError, Unauthorized
 from ._address import parse_tcp
-from ._codec import message_size
+from ._codec import describe, message_size
 from ._exchange import Link, exchange
 from ._loopsock import LoopSocket
 from ._wire import PROTOCOL_VERSION, error_from_wire, salvage_id
@@ -105,7 +105,7 @@ class Peer:
             raise NodeLost(f"node {self.address} is lost ({self.lost_reason})")
         rid = next(self._ids)
         header["id"] = rid
-        frames = self.endpoint.codec.encode(header, _what(header), self.shm)
+        frames = self.endpoint.codec.encode(header, None, self.shm)
         self.bytes_sent += message_size(frames)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self.pending[rid] = fut
@@ -175,9 +175,14 @@ class Peer:
     def _on_message(self, frames: list[Any]) -> None:
         self.last_seen = time.monotonic()
         header = frames[0]
-        self.bytes_received += len(header) + sum(f.buffer.nbytes for f in frames[1:])
+        if len(frames) == 1:
+            self.bytes_received += len(header)
+            buffers = []
+        else:
+            buffers = [f.buffer for f in frames[1:]]
+            self.bytes_received += len(header) + sum(b.nbytes for b in buffers)
         try:
-            msg = self.endpoint.codec.decode(header, [f.buffer for f in frames[1:]])
+            msg = self.endpoint.codec.decode(header, buffers)
         except ProtocolError as exc:
             rid = salvage_id(header)
             fut = self.pending.pop(rid, None) if rid is not None else None
@@ -294,8 +299,4 @@ class Peer:
         return f"<Peer {self.address} {state}, {len(self.pending)} pending>"
 
 
-def _what(header: dict[str, Any]) -> str:
-    kind = header.get("k")
-    if kind in ("call", "tell"):
-        return f"{kind} {header.get('m')!r}"
-    return str(kind)
+_what = describe
