@@ -46,7 +46,7 @@ def test_descriptor_roundtrips() -> None:
 
 @pytest.mark.parametrize("fields,match", [
     ([1, 2, 3], "14 fields"),
-    (list(descriptor().__dict__.values())[:13] + ["x"], "uints"),
+    ([*list(descriptor().__dict__.values())[:13], "x"], "uints"),
     ({**descriptor().__dict__, "shape": [4, -8]}, "non-negative"),
     ({**descriptor().__dict__, "stride": [8]}, "one length"),
     ({**descriptor().__dict__, "handle": "text"}, "binary"),
