@@ -268,3 +268,29 @@ async def test_pipeline_device_links_go_through_shared_memory() -> None:
         for probe in probes:
             assert (await probe.statistics())["received"] >= 1
     assert losses["processes"] == losses["here"]  # bit for bit
+
+
+def test_a_forked_child_does_not_keep_segments_or_connections() -> None:
+    ex = exchange()
+    info = ex.hello_info()
+    link = ex.link_to(info)
+    assert link is not None
+    codec = Codec()
+    frames = codec.encode({"x": np.ones(MIB, dtype=np.uint8)}, link=link)
+    fds_here = memfd_descriptors()
+    assert fds_here >= 1
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its memfd descriptors, then leave at once
+        try:
+            os.write(w, str(memfd_descriptors()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 64) == b"0"
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    got = codec.decode(frames[0], frames[1:])["x"]
+    assert got.sum() == MIB  # the parent's exchange is untouched

@@ -25,6 +25,7 @@ from __future__ import annotations
 import array
 import atexit
 import bisect
+import contextlib
 import itertools
 import logging
 import os
@@ -151,6 +152,7 @@ class Exchange:
         self._user: dict[int, Segment] = {}
         self._dropped: deque[_Received] = deque()
         self._retired: deque[Segment] = deque()
+        self._abandoned = False  # a forked child's copy
 
     # -- locking -----------------------------------------------------------------------
 
@@ -165,6 +167,8 @@ class Exchange:
             self._try_flush()
 
     def _try_flush(self) -> None:
+        if self._abandoned:
+            return
         if self._lock.acquire(blocking=False):
             try:
                 self._flush()
@@ -598,8 +602,23 @@ class Exchange:
         for seg in self._segments.values():
             seg.holders.discard(link)
 
+    def abandon(self) -> None:
+        """In a forked child: close the descriptors inherited from the parent's exchange
+        (holding them would keep its segments and connections alive), touching nothing
+        else; the child makes an exchange of its own when it needs one."""
+        self._abandoned = True  # its lock may be held by a thread the child lacks
+        for conn in (*self._links.values(), *self._lenders):
+            conn.sock.close()
+        for sock in self._listeners.values():
+            sock.close()
+        for seg in self._segments.values():
+            with contextlib.suppress(OSError):
+                os.close(seg.fd)
+
     def close(self) -> None:
         """Close every socket (at exit). Mappings stay: views may outlive this."""
+        if self._abandoned:
+            return
         with self._lock:
             for conn in (*self._links.values(), *self._lenders):
                 conn.alive = False
@@ -682,6 +701,16 @@ def exchange() -> Exchange:
                 ex = _EXCHANGE = Exchange()
                 atexit.register(ex.close)
     return ex
+
+
+def _after_fork_in_child() -> None:
+    global _EXCHANGE
+    if _EXCHANGE is not None:
+        _EXCHANGE.abandon()
+        _EXCHANGE = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def poll_exchange() -> None:
