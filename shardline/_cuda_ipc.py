@@ -24,8 +24,9 @@ import msgpack
 import torch
 
 from ._errors import ProtocolError
-from .transport._codec import EXT_CUDA, packb, register_decoder, shm_keep, shm_link
+from .transport._codec import EXT_CUDA, packb, register_decoder
 from .transport._exchange import exchange
+from .transport._placement import shm_keep, shm_link, shm_wanted
 
 __all__ = ["CudaDescriptor", "decode_cuda", "enabled", "share", "to_host"]
 
@@ -113,9 +114,12 @@ def _dtype(name: str) -> torch.dtype:
 
 def share(t: torch.Tensor, buffers: list[Any]) -> msgpack.ExtType | None:
     """The IPC form of CUDA tensor ``t`` when the peer is a process on this host that
-    sees the same GPUs; None otherwise (the caller copies the bytes)."""
+    sees the same GPUs and ``t`` is large enough for shared memory; None otherwise (the
+    caller copies the bytes)."""
     link = shm_link(buffers)
-    if link is None or not link.confirmed or not enabled() or \
+    # Small tensors are cheaper to copy than a handle is to export, open and release.
+    if link is None or not shm_wanted(buffers, t.numel() * t.element_size()) or \
+            not link.confirmed or not enabled() or \
             link.gpus != os.environ.get("CUDA_VISIBLE_DEVICES"):
         return None
     storage = t.untyped_storage()

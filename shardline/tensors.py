@@ -17,16 +17,9 @@ import msgpack
 import torch
 
 from ._errors import ProtocolError, SerializationError
-from .transport._codec import (
-    EXT_TENSOR,
-    descriptor_buffer,
-    packb,
-    register_ext,
-    shm_reserve,
-    shm_share,
-    shm_wanted,
-)
+from .transport._codec import EXT_TENSOR, descriptor_buffer, packb, register_ext
 from .transport._exchange import exchange
+from .transport._placement import shm_reserve, shm_share, shm_wanted
 
 __all__ = ["decode_tensor", "dtype_by_name", "encode_tensor", "put_bytes", "shared_empty"]
 

@@ -111,11 +111,11 @@ async def test_a_descriptor_this_process_cannot_open_is_still_acknowledged() -> 
 
 
 def test_no_ipc_unless_the_peer_sees_the_same_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    from shardline.transport._codec import _Buffers
+    from shardline.transport._placement import Buffers
 
     link = self_link()
     t = torch.zeros(4)  # never touched: the checks come first
-    buffers = _Buffers(link, 1)  # type: ignore[arg-type]
+    buffers = Buffers(link, 1)  # type: ignore[arg-type]
     assert share(t, []) is None  # no link: another host
     monkeypatch.setattr(link, "gpus", "0,1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")

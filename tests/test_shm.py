@@ -192,7 +192,7 @@ def test_unsent_message_gives_its_segments_back() -> None:
     codec = Codec()
     frames = codec.encode({"x": torch.randn(MIB)}, link=link)
     assert len(link.lent) >= 1
-    from shardline.transport._codec import discard
+    from shardline.transport._placement import discard
 
     lent = {ident for _, ident in frames.placed}
     assert lent <= link.lent

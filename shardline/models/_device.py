@@ -34,9 +34,10 @@ import zmq
 from .._errors import NodeLost
 from .._wire_dtype import check_wire_dtype, pack_tree
 from ..transport._address import parse_tcp, split_key, with_key
-from ..transport._codec import Codec, discard, message_size
+from ..transport._codec import Codec
 from ..transport._endpoint import Endpoint
 from ..transport._exchange import Link, exchange, poll_exchange
+from ..transport._placement import discard, message_size
 
 __all__ = ["Device", "Key"]
 

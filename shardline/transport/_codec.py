@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ import msgpack
 import numpy as np
 
 from .._errors import ProtocolError, SerializationError
+from ._placement import Buffers, Frames, default_shm_min_bytes, shm_reserve, shm_share, shm_wanted
 
 if TYPE_CHECKING:
     from ._exchange import Link
@@ -32,19 +32,11 @@ __all__ = [
     "Codec",
     "Decoder",
     "Encoder",
-    "Frames",
     "describe",
     "descriptor_buffer",
-    "discard",
-    "message_size",
     "packb",
     "register_decoder",
     "register_ext",
-    "shm_keep",
-    "shm_link",
-    "shm_reserve",
-    "shm_share",
-    "shm_wanted",
 ]
 
 EXT_NDARRAY = 1
@@ -52,9 +44,6 @@ EXT_TENSOR = 2
 EXT_REF = 3
 EXT_CUDA = 4
 EXT_PACKED = 5
-
-# Buffers from this size on go through shared memory to a peer on the same host.
-SHM_MIN_BYTES = 1 << 20
 
 # encode(obj, buffers) -> ext payload bytes (or a whole ExtType of another code); it
 # appends bulk data to ``buffers`` and records the index. decode(payload, buffers) -> obj.
@@ -93,119 +82,6 @@ def register_decoder(code: int, decode: Decoder) -> None:
     """Teach every codec to decode ext type ``code``, which some other type's encoder
     produces (a CUDA tensor's IPC handle comes from the tensor encoder)."""
     _decoders[code] = decode
-
-
-def default_shm_min_bytes() -> int | None:
-    """``SHARDLINE_SHM_MIN_BYTES``: the smallest buffer sent through shared memory
-    (default 1 MiB; ``off`` never uses it)."""
-    value = os.environ.get("SHARDLINE_SHM_MIN_BYTES", "").strip().lower()
-    if not value:
-        return SHM_MIN_BYTES
-    if value in ("off", "none", "no", "false"):
-        return None
-    try:
-        return max(1, int(value))
-    except ValueError:
-        raise ValueError(f"SHARDLINE_SHM_MIN_BYTES must be a number of bytes or 'off', "
-                         f"got {value!r}") from None
-
-
-class _Buffers(list[Any]):
-    """The buffers of the message being encoded, and where large ones may go instead
-    (``link``: shared memory toward the peer, when it is on this host)."""
-
-    __slots__ = ("link", "min_bytes", "placed", "shm_bytes")
-
-    def __init__(self, link: Link | None, min_bytes: int) -> None:
-        super().__init__()
-        self.link = link
-        self.min_bytes = min_bytes
-        self.placed: list[tuple[Link, int]] = []
-        self.shm_bytes = 0
-
-
-class Frames(list[Any]):
-    """``[header, *buffer frames]`` of a message that also lends shared memory:
-    ``placed`` names what it lends, ``shm_bytes`` how much. A message that is never
-    sent must be ``discard``ed, or what it lends stays lent."""
-
-    __slots__ = ("placed", "shm_bytes")
-    placed: list[tuple[Link, int]]
-    shm_bytes: int
-
-
-def shm_link(buffers: list[Any]) -> Link | None:
-    """For an encoder: the shared-memory link to the peer (None: not on this host)."""
-    return buffers.link if type(buffers) is _Buffers else None
-
-
-def shm_wanted(buffers: list[Any], nbytes: int) -> bool:
-    """For an encoder: whether an ``nbytes`` buffer should go through shared memory
-    (the peer is a process on this host and the buffer is large)."""
-    return type(buffers) is _Buffers and buffers.link is not None and \
-        nbytes >= buffers.min_bytes
-
-
-def shm_reserve(buffers: list[Any], nbytes: int) -> tuple[Any, list[int]] | None:
-    """For an encoder: a writable buffer in shared memory to copy ``nbytes`` into, and
-    the descriptor to put in the payload instead of a frame index; None when it should
-    not or cannot go there (append a frame as usual)."""
-    if not shm_wanted(buffers, nbytes):
-        return None
-    assert type(buffers) is _Buffers and buffers.link is not None
-    from ._exchange import exchange
-
-    got = exchange().reserve(buffers.link, nbytes)
-    if got is not None:
-        buffers.placed.append((buffers.link, got[1][1]))
-        buffers.shm_bytes += nbytes
-    return got
-
-
-def shm_share(buffers: list[Any], address: int, nbytes: int) -> list[int] | None:
-    """For an encoder: the descriptor of memory that already lies in a shared segment
-    of this process (``shared_empty``), lent without a copy; None otherwise."""
-    if not shm_wanted(buffers, nbytes):
-        return None
-    assert type(buffers) is _Buffers and buffers.link is not None
-    from ._exchange import exchange
-
-    where = exchange().share(buffers.link, address, nbytes)
-    if where is not None:
-        buffers.placed.append((buffers.link, where[1]))
-        buffers.shm_bytes += nbytes
-    return where
-
-
-def shm_keep(buffers: list[Any], obj: Any) -> list[int] | None:
-    """For an encoder: ``[proc, token]`` once ``obj`` is held until the peer (a process
-    on this host) releases the token; None when the peer is elsewhere."""
-    if type(buffers) is not _Buffers or buffers.link is None:
-        return None
-    from ._exchange import exchange
-
-    ex = exchange()
-    token = ex.keep(buffers.link, obj)
-    buffers.placed.append((buffers.link, token))
-    return [ex.proc, token]
-
-
-def discard(frames: list[Any]) -> None:
-    """``frames`` will never be sent: what they lend is free again."""
-    if type(frames) is Frames and frames.placed:
-        from ._exchange import exchange
-
-        placed, frames.placed = frames.placed, []
-        exchange().unlend(placed)
-
-
-def message_size(frames: list[Any]) -> int:
-    """Bytes a message moves: its frames plus what it carries in shared memory."""
-    if type(frames) is Frames:
-        return frames.shm_bytes + sum(memoryview(f).nbytes for f in frames)
-    if len(frames) == 1:
-        return len(frames[0])  # the header alone: bytes
-    return sum(memoryview(f).nbytes for f in frames)
 
 
 def describe(header: Mapping[str, Any]) -> str:
@@ -367,7 +243,7 @@ class Codec:
         if link is None or self.shm_min_bytes is None:
             buffers: list[Any] = []
         else:
-            buffers = _Buffers(link, self.shm_min_bytes)
+            buffers = Buffers(link, self.shm_min_bytes)
         self._buffers = buffers
         try:
             data = self._packer.pack(header)
@@ -379,7 +255,7 @@ class Codec:
         except BaseException as exc:
             self._packer.reset()
             what = what or describe(header)
-            if type(buffers) is _Buffers and buffers.placed:
+            if type(buffers) is Buffers and buffers.placed:
                 from ._exchange import exchange
 
                 exchange().unlend(buffers.placed)
@@ -390,7 +266,7 @@ class Codec:
             raise
         finally:
             self._buffers = []
-        if type(buffers) is _Buffers and buffers.placed:
+        if type(buffers) is Buffers and buffers.placed:
             frames = Frames([data, *buffers])
             frames.placed = buffers.placed
             frames.shm_bytes = buffers.shm_bytes

@@ -31,7 +31,6 @@ import logging
 import os
 import secrets
 import socket
-import struct
 import threading
 import time
 import weakref
@@ -45,83 +44,29 @@ import msgpack
 from .._errors import ProtocolError
 from ._memfd import Mapping, check_sealed, host_id
 from ._segments import IDLE_S, MAX_IDLE_BYTES, Pool, Segment, size_class
+from ._shmsock import (
+    CREDS,
+    FORGET,
+    HELLO,
+    MAX_SEGMENT,
+    RELEASE,
+    SEGMENT,
+    SEND_FLAGS,
+    Conn,
+    Lender,
+    Link,
+    Received,
+    alias_name,
+    is_id,
+    parse,
+    receive,
+    seqpacket,
+    socket_name,
+)
 
 __all__ = ["Exchange", "Link", "exchange", "poll_exchange", "size_class", "socket_name"]
 
 log = logging.getLogger("shardline.transport")
-
-# Datagrams (msgpack arrays): HELLO both ways when a connection opens; SEGMENT (with one
-# descriptor) and FORGET from the lender; RELEASE from the receiver.
-HELLO, SEGMENT, FORGET, RELEASE = 0, 1, 2, 3
-_MAX_SEGMENT = 1 << 40
-_FDS = socket.CMSG_SPACE(4 * array.array("i").itemsize)
-_SEND = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-_CREDS = struct.Struct("3i")
-
-
-def socket_name(proc: int) -> str:
-    """The abstract Unix socket of the process whose token is ``proc``."""
-    return f"\0shardline/{proc:016x}"
-
-
-def alias_name(address: str) -> str:
-    """The abstract Unix socket of the process that listens at TCP ``address``."""
-    return f"\0shardline/{address}"
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
-
-
-class _Conn:
-    """One connection between two processes: its socket, what could not be sent yet."""
-
-    __slots__ = ("alive", "gpus", "proc", "sock", "unsent")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.alive = True
-        self.unsent: deque[bytes] = deque()
-        self.proc: int | None = None   # the other process, once its HELLO was read
-        self.gpus: str | None = None   # its CUDA_VISIBLE_DEVICES (IPC needs the same)
-
-
-class Link(_Conn):
-    """A connection this process opened to lend to another one."""
-
-    __slots__ = ("confirmed", "lent")
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock)
-        self.confirmed = False  # its proc and gpus are known
-        self.lent: set[int] = set()  # segment ids and keep tokens it holds
-
-    def __repr__(self) -> str:
-        proc = "?" if self.proc is None else f"{self.proc:016x}"
-        return f"<shm link to {proc}, {len(self.lent)} lent>"
-
-
-class _Lender(_Conn):
-    """A connection another process opened to lend to this one."""
-
-    __slots__ = ("segments",)
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock)
-        self.segments: set[int] = set()
-
-
-class _Received:
-    """A segment another process lent this one: our mapping and its live views."""
-
-    __slots__ = ("forgotten", "lender", "mapping", "seg", "views")
-
-    def __init__(self, lender: _Lender, seg: int, mapping: Mapping) -> None:
-        self.lender = lender
-        self.seg = seg
-        self.mapping = mapping
-        self.views = 0
-        self.forgotten = False  # the lender will not name it again: unmap after the views
 
 
 class Exchange:
@@ -143,14 +88,14 @@ class Exchange:
         self._unavailable = not self.host
         self._links: dict[str, Link] = {}           # by the socket name we connected to
         self._unreachable: set[str] = set()
-        self._lenders: list[_Lender] = []
-        self._received: dict[tuple[int, int], _Received] = {}  # (proc, segment)
+        self._lenders: list[Lender] = []
+        self._received: dict[tuple[int, int], Received] = {}  # (proc, segment)
         self._segments: dict[int, Segment] = {}     # ours, by id
         self._pool = Pool()
         self._lent: dict[int, tuple[Link, Any]] = {}  # id -> holder, kept object
         self._user_starts: list[int] = []           # user segments by address
         self._user: dict[int, Segment] = {}
-        self._dropped: deque[_Received] = deque()
+        self._dropped: deque[Received] = deque()
         self._retired: deque[Segment] = deque()
         self._abandoned = False  # a forked child's copy
 
@@ -183,7 +128,7 @@ class Exchange:
             return False
         if name in self._listeners:
             return True
-        sock = _seqpacket()
+        sock = seqpacket()
         try:
             sock.bind(name)
             sock.listen(128)
@@ -222,7 +167,7 @@ class Exchange:
         if not isinstance(info, dict) or not self.host or info.get("host") != self.host:
             return None
         proc = info.get("proc")
-        if not isinstance(proc, int) or not _is_id(proc):
+        if not isinstance(proc, int) or not is_id(proc):
             return None
         gpus = info.get("gpus")
         return self._connect(socket_name(proc), proc, gpus if isinstance(gpus, str) else None)
@@ -242,10 +187,10 @@ class Exchange:
                 self._link_gone(link)  # a send failed: its process closed the connection
             if name in self._unreachable or self._unavailable:
                 return None
-            sock = _seqpacket()
+            sock = seqpacket()
             try:
                 sock.connect(name)
-                sock.send(msgpack.packb([HELLO, self.proc, self.gpus]), _SEND)
+                sock.send(msgpack.packb([HELLO, self.proc, self.gpus]), SEND_FLAGS)
             except BlockingIOError:
                 sock.close()  # its backlog is full: TCP this time, try again later
                 return None
@@ -346,7 +291,7 @@ class Exchange:
         try:
             link.sock.sendmsg([msgpack.packb([SEGMENT, seg.id, seg.size])],
                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                array.array("i", [seg.fd]))], _SEND)
+                                array.array("i", [seg.fd]))], SEND_FLAGS)
         except OSError as exc:
             if not isinstance(exc, BlockingIOError):
                 link.alive = False  # gone: what it held comes back when its EOF is read
@@ -418,18 +363,18 @@ class Exchange:
             if lender is not None:
                 self._send_later(lender, [RELEASE, token, 1])
 
-    def _lender_of(self, proc: int) -> _Lender | None:
+    def _lender_of(self, proc: int) -> Lender | None:
         for lender in self._lenders:
             if lender.proc == proc and lender.alive:
                 return lender
         return None
 
-    def _view_dropped(self, rec: _Received) -> None:
+    def _view_dropped(self, rec: Received) -> None:
         self._dropped.append(rec)  # a finalizer: see _retire_later
         self._try_flush()
 
     @staticmethod
-    def _forget(rec: _Received) -> None:
+    def _forget(rec: Received) -> None:
         rec.forgotten = True
         if rec.views == 0:
             rec.mapping.unmap()
@@ -453,7 +398,7 @@ class Exchange:
 
     def _flush(self) -> None:
         if self._dropped:
-            releases: Counter[tuple[_Lender, int]] = Counter()
+            releases: Counter[tuple[Lender, int]] = Counter()
             while self._dropped:
                 rec = self._dropped.popleft()
                 rec.views -= 1
@@ -469,15 +414,15 @@ class Exchange:
             if conn.unsent and conn.alive:
                 self._send_queued(conn)
 
-    def _send_later(self, conn: _Conn, msg: list[Any]) -> None:
+    def _send_later(self, conn: Conn, msg: list[Any]) -> None:
         conn.unsent.append(msgpack.packb(msg))
         self._send_queued(conn)
 
     @staticmethod
-    def _send_queued(conn: _Conn) -> None:
+    def _send_queued(conn: Conn) -> None:
         while conn.unsent:
             try:
-                conn.sock.send(conn.unsent[0], _SEND)
+                conn.sock.send(conn.unsent[0], SEND_FLAGS)
             except BlockingIOError:
                 return  # its buffer is full: the next flush tries again
             except OSError:
@@ -496,24 +441,24 @@ class Exchange:
                 except OSError as exc:
                     log.warning("shared-memory socket: accept failed: %s", exc)
                     break
-                uid = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                    _CREDS.size))[1]
+                uid = CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    CREDS.size))[1]
                 if uid != os.getuid():
                     log.warning("refused a shared-memory connection from uid %d", uid)
                     sock.close()
                     continue
                 sock.setblocking(False)
-                lender = _Lender(sock)
+                lender = Lender(sock)
                 self._lenders.append(lender)
                 # Who we are, for a lender that found us by TCP address.
                 self._send_later(lender, [HELLO, self.proc, self.gpus])
         for lender in list(self._lenders):
             self._read_lender(lender)
 
-    def _read_lender(self, lender: _Lender) -> None:
+    def _read_lender(self, lender: Lender) -> None:
         while True:
             # A send that failed marked it dead: treat as the end of the connection.
-            got = _receive(lender.sock) if lender.alive else (b"", [])
+            got = receive(lender.sock) if lender.alive else (b"", [])
             if got is None:
                 return
             data, fds = got
@@ -528,8 +473,8 @@ class Exchange:
                 for fd in fds:
                     os.close(fd)
 
-    def _on_lender_message(self, lender: _Lender, data: bytes, fds: list[int]) -> None:
-        msg = _parse(data)
+    def _on_lender_message(self, lender: Lender, data: bytes, fds: list[int]) -> None:
+        msg = parse(data)
         kind = msg[0]
         if kind == HELLO and lender.proc is None:
             lender.proc, lender.gpus = msg[1], msg[2]
@@ -537,7 +482,7 @@ class Exchange:
             raise ValueError("a message before HELLO")
         elif kind == SEGMENT and len(msg) == 3 and len(fds) == 1:
             _, seg, size = msg
-            if not 0 < size <= _MAX_SEGMENT:
+            if not 0 < size <= MAX_SEGMENT:
                 raise ValueError(f"segment size {size} out of range")
             check_sealed(fds[0], size)
             mapping = Mapping(fds[0], size)
@@ -545,7 +490,7 @@ class Exchange:
             if replaced is not None:
                 replaced.lender.segments.discard(seg)
                 self._forget(replaced)
-            self._received[(lender.proc, seg)] = _Received(lender, seg, mapping)
+            self._received[(lender.proc, seg)] = Received(lender, seg, mapping)
             lender.segments.add(seg)
         elif kind == FORGET and len(msg) == 2:
             rec = self._received.get((lender.proc, msg[1]))
@@ -556,7 +501,7 @@ class Exchange:
         else:
             raise ValueError(f"unexpected message {msg!r:.80} with {len(fds)} descriptors")
 
-    def _lender_gone(self, lender: _Lender) -> None:
+    def _lender_gone(self, lender: Lender) -> None:
         """Its process ended: what we mapped stays valid while our views live."""
         lender.alive = False
         lender.sock.close()
@@ -571,7 +516,7 @@ class Exchange:
     def _read_links(self) -> None:
         for link in list(self._links.values()):
             while True:
-                got = _receive(link.sock) if link.alive else (b"", [])
+                got = receive(link.sock) if link.alive else (b"", [])
                 if got is None:
                     break
                 data, fds = got
@@ -581,7 +526,7 @@ class Exchange:
                     self._link_gone(link)
                     break
                 try:
-                    msg = _parse(data)
+                    msg = parse(data)
                 except (ValueError, TypeError, msgpack.UnpackException) as exc:
                     log.warning("dropped a bad shared-memory message: %s", exc)
                     continue
@@ -643,47 +588,6 @@ class Exchange:
                 "lenders": len(self._lenders),
                 "received": len(self._received),
             }
-
-
-def _parse(data: bytes) -> list[Any]:
-    """A datagram: ``[HELLO, proc, gpus]`` or ``[kind, id, ...]`` of unsigned ints."""
-    msg = msgpack.unpackb(data)
-    if not isinstance(msg, list) or not 2 <= len(msg) <= 3 or not _is_id(msg[0]) or \
-            not _is_id(msg[1]):
-        raise ValueError(f"malformed message {msg!r:.80}")
-    if msg[0] == HELLO:
-        if len(msg) != 3 or not (msg[2] is None or isinstance(msg[2], str)):
-            raise ValueError(f"malformed HELLO {msg!r:.80}")
-    elif len(msg) == 3 and not _is_id(msg[2]):
-        raise ValueError(f"malformed message {msg!r:.80}")
-    return msg
-
-
-def _seqpacket() -> socket.socket:
-    return socket.socket(socket.AF_UNIX,
-                         socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-
-
-def _receive(sock: socket.socket) -> tuple[bytes, list[int]] | None:
-    """One datagram and the descriptors it carried; None if nothing is waiting. A
-    connection whose peer is gone reads as an empty datagram."""
-    try:
-        data, ancdata, flags, _ = sock.recvmsg(256, _FDS, socket.MSG_CMSG_CLOEXEC)
-    except BlockingIOError:
-        return None
-    except OSError:
-        return b"", []
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(payload[:len(payload) - len(payload) % got.itemsize])
-            fds.extend(got)
-    if flags & socket.MSG_TRUNC:
-        for fd in fds:
-            os.close(fd)
-        return b"\xc1", []  # never valid msgpack: dropped as malformed
-    return data, fds
 
 
 _EXCHANGE: Exchange | None = None

@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 from zmq.backend import Socket as _RawSocket
 
-from ._codec import discard
+from ._placement import discard
 
 __all__ = ["LoopSocket"]
 

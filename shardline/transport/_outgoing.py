@@ -27,8 +27,8 @@ from typing import Any
 import anyio
 import zmq
 
-from ._codec import discard, message_size
 from ._loopsock import LoopSocket
+from ._placement import discard, message_size
 
 __all__ = ["Outgoing"]
 

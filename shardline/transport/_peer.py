@@ -15,9 +15,10 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .._errors import AskTimeout, NodeLost, ProtocolError, ShardlineError, Unauthorized
 from ._address import parse_tcp
-from ._codec import describe, message_size
+from ._codec import describe
 from ._exchange import Link, exchange
 from ._loopsock import LoopSocket
+from ._placement import message_size
 from ._wire import PROTOCOL_VERSION, error_from_wire, salvage_id
 
 if TYPE_CHECKING:
