@@ -21,7 +21,7 @@ import torch
 from ._errors import ProtocolError
 from .transport._codec import EXT_PACKED, descriptor_buffer, packb, register_ext
 
-__all__ = ["BLOCK", "WIRE_DTYPES", "Packed", "check_wire_dtype", "pack", "pack_tree", "unpack"]
+__all__ = ["BLOCK", "WIRE_DTYPES", "Packed", "check_wire_dtype", "pack", "unpack"]
 
 WIRE_DTYPES = ("bf16", "fp16", "int8")
 BLOCK = 64
@@ -76,20 +76,6 @@ def unpack(p: Packed) -> torch.Tensor:
     assert p.scales is not None
     values = p.data.view(-1, BLOCK).float() * (p.scales[:, None] / 127.0)
     return values.view(-1)[:math.prod(p.shape)].view(p.shape).to(p.dtype)
-
-
-def pack_tree(obj: Any, wire_dtype: str) -> Any:
-    """``obj`` (a tensor or nested tuples/lists/dicts of them) with its floating tensors
-    packed."""
-    if isinstance(obj, torch.Tensor):
-        return pack(obj, wire_dtype)
-    if isinstance(obj, tuple):
-        return tuple(pack_tree(o, wire_dtype) for o in obj)
-    if isinstance(obj, list):
-        return [pack_tree(o, wire_dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: pack_tree(v, wire_dtype) for k, v in obj.items()}
-    return obj
 
 
 def _encode(p: Packed, buffers: list[Any]) -> bytes:

@@ -77,13 +77,15 @@ async def _released(ref: weakref.ref[Kept]) -> None:
             await anyio.sleep(0.01)
 
 
+def kept_by_self_link() -> tuple[weakref.ref[Kept], int]:
+    """Something this process keeps for itself (its own receiver), and the token."""
+    obj = Kept()
+    return weakref.ref(obj), exchange().keep(self_link(), obj)  # type: ignore[arg-type]
+
+
 async def test_the_sender_keeps_it_until_the_receiver_acknowledges() -> None:
     ex = exchange()
-    link = self_link()
-    obj = Kept()
-    ref = weakref.ref(obj)
-    token = ex.keep(link, obj)  # type: ignore[arg-type]
-    del obj
+    ref, token = kept_by_self_link()
     gc.collect()
     ex.poll()
     assert ref() is not None  # nothing said yet
@@ -98,11 +100,7 @@ async def test_a_descriptor_this_process_cannot_open_is_still_acknowledged() -> 
     if torch.cuda.is_available():
         pytest.skip("this process can open CUDA handles")
     ex = exchange()
-    link = self_link()
-    obj = Kept()
-    ref = weakref.ref(obj)
-    token = ex.keep(link, obj)  # type: ignore[arg-type]
-    del obj
+    ref, token = kept_by_self_link()
     payload = descriptor(proc=ex.proc, token=token).pack()
     header = msgpack.packb({"t": msgpack.ExtType(EXT_CUDA, payload)})
     with pytest.raises(sl.ProtocolError, match="no CUDA"):

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import shardline as sl
-from shardline._wire_dtype import BLOCK, Packed, pack, pack_tree, unpack
+from shardline._wire_dtype import BLOCK, Packed, pack, unpack
 from shardline.models import Pipeline
+from shardline.models._tree import map_tensors
 from shardline.transport._codec import EXT_PACKED, Codec
 from tests.test_pipeline import CE, spec
 
@@ -78,8 +79,8 @@ def test_what_is_never_packed() -> None:
     assert pack(flags, "bf16") is flags
     assert pack(half, "fp16") is half  # already two bytes: nothing to gain
     assert pack(empty, "int8") is empty
-    tree = pack_tree({"x": torch.randn(3), "ids": ints, "rest": [torch.randn(2), "tag"]},
-                     "int8")
+    tree = map_tensors({"x": torch.randn(3), "ids": ints, "rest": [torch.randn(2), "tag"]},
+                       lambda t: pack(t, "int8"))  # what a device link does
     assert isinstance(tree["x"], Packed) and tree["ids"] is ints
     assert isinstance(tree["rest"][0], Packed) and tree["rest"][1] == "tag"
 

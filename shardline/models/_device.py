@@ -32,12 +32,13 @@ from typing import Any
 import zmq
 
 from .._errors import NodeLost
-from .._wire_dtype import check_wire_dtype, pack_tree
+from .._wire_dtype import check_wire_dtype, pack
 from ..transport._address import parse_tcp, split_key, with_key
 from ..transport._codec import Codec
 from ..transport._endpoint import Endpoint
 from ..transport._exchange import Link, exchange, poll_exchange
 from ..transport._placement import discard, message_size
+from ._tree import map_tensors
 
 __all__ = ["Device", "Key"]
 
@@ -159,8 +160,9 @@ class Device:
         if outlet is None:
             outlet = self._outlets[address] = self._connect(address)
         sock, link = outlet
-        if self._wire_dtype is not None:
-            value = pack_tree(value, self._wire_dtype)
+        wire_dtype = self._wire_dtype
+        if wire_dtype is not None:
+            value = map_tensors(value, lambda t: pack(t, wire_dtype))
         step, kind, stage, mb = key
         frames = self._codec.encode({"t": self._token, "s": step, "k": kind, "st": stage,
                                      "mb": mb, "v": value}, "a stage input", link)
