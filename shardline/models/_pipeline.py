@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import ActorError, ActorRef, Node, RemoteNode, ShardlineError
+from .._wire_dtype import check_wire_dtype
 from . import _tree
 from ._errors import PipelineError
 from ._fleet import Fleet, Replacements, StageOptions
@@ -77,7 +78,7 @@ class Pipeline:
                     cache_idle_s: float = 300.0, replicas: int = 1,
                     spares: Sequence[RemoteNode] | Replacements = (),
                     snapshot_every: int | None = None,
-                    check_finite: bool = False) -> Pipeline:
+                    check_finite: bool = False, wire_dtype: str | None = None) -> Pipeline:
         """Split ``model`` into stages, spawn a ``StageActor`` per device, connect them.
 
         ``stages`` counts devices; with ``schedule="interleaved-1f1b"`` each device holds
@@ -103,7 +104,11 @@ class Pipeline:
         replica that is whole. ``check_finite=True`` fails a step
         (``PipelineError`` naming the stage and microbatch) before any weight changes
         when an activation, loss or gradient is NaN or infinite.
+        ``wire_dtype`` (``"bf16"``, ``"fp16"`` or ``"int8"``, blockwise absmax) compresses
+        the floating activations and gradients that cross processes; they arrive in their
+        own dtype. Off by default; never applied within a process or to integer tensors.
         """
+        check_wire_dtype(wire_dtype)
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         rows = _placement_rows(placement, replicas)
@@ -164,7 +169,7 @@ class Pipeline:
             raise ValueError(f"snapshot_every must be >= 0, got {snapshot_every}")
         plan = build_plan(plan_schedule, bounds, names, places, spare_places)
         options = StageOptions(optimizer, loss_fn, secrets.token_hex(8), cache_idle_s,
-                               check_finite)
+                               check_finite, wire_dtype)
         # Stamped on every activation (the token), so a device link only takes this
         # pipeline's data.
         source: LayerSpec | list[nn.Module]
