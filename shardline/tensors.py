@@ -64,12 +64,13 @@ def put_bytes(t: torch.Tensor, buffers: list[Any]) -> int | list[int]:
     frame of its own. Returns what a descriptor names: a frame index or
     ``[process, segment, offset, nbytes]``."""
     nbytes = t.numel() * t.element_size()
-    if shm_wanted(buffers, nbytes):
-        where = None
-        if t.device.type == "cpu" and t.is_contiguous():
-            where = shm_share(buffers, t.data_ptr(), nbytes)
+    if nbytes and t.device.type == "cpu" and t.is_contiguous():
+        # Memory that lies in a segment already is lent whatever its size: naming it
+        # costs less than any frame (a snapshot is hundreds of small tensors in one).
+        where = shm_share(buffers, t.data_ptr(), nbytes)
         if where is not None:
             return where
+    if shm_wanted(buffers, nbytes):
         slot = shm_reserve(buffers, nbytes)
         if slot is not None:  # one copy, from any strides (and straight from a GPU)
             dest, where = slot

@@ -6,15 +6,22 @@ stage keeps its recent versions itself, for a rollback that needs no network, an
 each one to a ``SnapshotHolder`` on another node, so the state outlives the stage's
 node. Both keep two versions: a version counts as taken only once every stage's copy of
 it reached its holder, and until then the previous one must stay restorable.
+
+A stage captures into one shared-memory segment (``in_shared_memory``), so a holder on
+the same host maps the snapshot instead of receiving a copy of it, and the snapshot
+outlives the stage's process as long as the holder maps it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .. import Actor
+import torch
 
-__all__ = ["SnapshotHolder", "Versions"]
+from .. import Actor
+from ..tensors import shared_empty
+
+__all__ = ["SnapshotHolder", "Versions", "in_shared_memory"]
 
 State = dict[str, Any]
 
@@ -77,6 +84,8 @@ class SnapshotHolder(Actor):
 
     def put(self, key: str, version: int, state: State) -> int:
         """Store ``state`` as ``version`` of stage ``key``; returns the version."""
+        # Never reused as capture buffers here: it may map the stage's own memory.
+        state = {**state, "owned": False}
         self._stages.setdefault(key, Versions(self._keep)).put(version, state)
         return version
 
@@ -95,6 +104,39 @@ class SnapshotHolder(Actor):
 
     def nbytes(self) -> int:
         return sum(v.nbytes() for v in self._stages.values())
+
+
+_ALIGN = 64  # what CPU kernels expect of their inputs (see _stage._aligned)
+
+
+def in_shared_memory(state: State) -> State:
+    """``state`` (model and optimizer tensors) copied into one shared-memory segment,
+    each tensor a 64-byte aligned view of it; everything else as it is.
+
+    One segment rather than one per tensor: sending it to a process on this host then
+    costs a descriptor per tensor and one segment handed over, not hundreds of frames,
+    and later captures copy into the same views (``Versions.spare``)."""
+    tensors = [t for part in ("model", "opt") for t in _tensors(state[part]).values()]
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    arena = shared_empty(max(total, 1), torch.uint8)
+    placed: dict[int, torch.Tensor] = {}
+    for t, offset in zip(tensors, offsets, strict=True):
+        nbytes = t.numel() * t.element_size()
+        view = arena[offset:offset + nbytes].view(t.dtype).view(t.shape)
+        placed[id(t)] = view.copy_(t)
+    out = dict(state)
+    out["model"] = {k: placed[id(t)] for k, t in state["model"].items()}
+    out["opt"] = {**state["opt"],
+                  "tensors": {k: placed[id(t)] for k, t in state["opt"]["tensors"].items()}}
+    return out
+
+
+def _tensors(part: dict[str, Any]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = part.get("tensors", part)
+    return tensors
 
 
 def _nbytes(value: Any) -> int:

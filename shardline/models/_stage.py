@@ -35,7 +35,7 @@ from ._autograd import (
     check_finite,
 )
 from ._device import Device, Key
-from ._snapshot import State, Versions
+from ._snapshot import State, Versions, in_shared_memory
 from ._spec import LayerSpec, import_path
 
 __all__ = ["StageActor"]
@@ -522,9 +522,13 @@ class StageActor(Actor):
     def _capture(self, into: State | None = None) -> State:
         """Device thread: everything a restored copy needs to continue bitwise; copied
         into ``into``'s tensors when it holds the same ones (an earlier capture)."""
-        state = {"model": self._state_dict(into and into["model"]),
-                 "opt": self._optimizer_state(into and into["opt"]["tensors"]),
-                 "version": self.version}
+        if into is None:
+            state = in_shared_memory({"model": self._state_dict(),
+                                      "opt": self._optimizer_state()})
+        else:
+            state = {"model": self._state_dict(into["model"]),
+                     "opt": self._optimizer_state(into["opt"]["tensors"])}
+        state["version"] = self.version
         state["owned"] = True
         return state
 

@@ -86,8 +86,9 @@ def shm_reserve(buffers: list[Any], nbytes: int) -> tuple[Any, list[int]] | None
 
 def shm_share(buffers: list[Any], address: int, nbytes: int) -> list[int] | None:
     """For an encoder: the descriptor of memory that already lies in a shared segment
-    of this process (``shared_empty``), lent without a copy; None otherwise."""
-    if not shm_wanted(buffers, nbytes):
+    of this process (``shared_empty``), lent without a copy, whatever its size; None
+    otherwise."""
+    if type(buffers) is not Buffers or buffers.link is None:
         return None
     assert type(buffers) is Buffers and buffers.link is not None
     from ._exchange import exchange
