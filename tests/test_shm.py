@@ -116,6 +116,21 @@ async def test_shared_empty_tensor_travels_without_a_copy() -> None:
         assert len(memfd_mappings()) == before - 1  # its segment went with the tensor
 
 
+async def test_small_views_of_a_segment_travel_without_a_copy() -> None:
+    # Below the size from which buffers are copied into shared memory, a tensor that
+    # lies in a segment already is still lent, not sent as a frame: a snapshot is many
+    # small tensors in one segment.
+    async with sl.LocalCluster(1, allow=ALLOW) as cluster:
+        holder = await cluster.nodes[0].spawn("tests.shm_fixtures:Holder")
+        arena = shared_empty((1024,), torch.float32)
+        arena.fill_(1.0)
+        small = arena[256:272]
+        await holder.poke(small, 7.0)
+        assert arena[256].item() == 7.0 and arena[255].item() == 1.0
+        got = await holder.check(arena[:16])
+        assert got["in_segment"] and got["sum"] == 16
+
+
 async def test_kill_9_of_the_receiver_leaves_nothing_behind() -> None:
     before = _dev_shm()
     async with sl.LocalCluster(1, allow=ALLOW) as cluster:
