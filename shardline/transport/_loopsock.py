@@ -42,13 +42,28 @@ _raw_recv = _RawSocket.recv
 _raw_get = _RawSocket.get  # getsockopt, without turning the option into an enum
 
 
+# Frames below this size are copied into ZeroMQ. Sent without a copy, a frame must be
+# kept alive until ZeroMQ is done with it, which pyzmq does by messaging its garbage
+# collector thread for every frame: a thread wake-up per send costs far more than
+# copying a header (pyzmq's own ``send`` copies below ``zmq.COPY_THRESHOLD`` too, a check
+# its compiled layer skips).
+_COPY_BELOW = zmq.COPY_THRESHOLD
+
+
 def send_frames(sock: zmq.Socket[Any], frames: list[Any]) -> None:
     """``sock.send_multipart(frames, NOBLOCK, copy=False)``, faster: raises
     ``zmq.Again`` before queuing anything when the socket is full (ZeroMQ takes a
     multipart message whole or not at all)."""
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        _raw_send(sock, frame, _MORE if i < last else _NOBLOCK, False)
+        kind = type(frame)
+        if kind is bytes:
+            copy = len(frame) < _COPY_BELOW
+        elif kind is memoryview:
+            copy = frame.nbytes < _COPY_BELOW
+        else:
+            copy = False
+        _raw_send(sock, frame, _MORE if i < last else _NOBLOCK, copy)
 
 
 class LoopSocket:
