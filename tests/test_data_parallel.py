@@ -110,11 +110,14 @@ async def test_replicas_across_processes_and_a_checkpoint_that_loads_into_any_r(
             await again.stop()
 
 
-async def test_a_lost_replica_stage_is_restored_from_its_sibling() -> None:
+@pytest.mark.parametrize("snapshot_every", [0, 1])
+async def test_a_lost_replica_stage_is_restored_from_its_sibling(snapshot_every: int) -> None:
+    # With snapshots on, the moved stage also takes its sibling's snapshots: the next
+    # step pushes the one taken at the last commit from every device.
     opt_spec = OPTIMIZERS[1]
     data = batches(4)
     kwargs: dict[str, Any] = {"replicas": 2, "microbatches": 2, "loss_fn": CE,
-                              "optimizer": opt_spec, "snapshot_every": 0}
+                              "optimizer": opt_spec, "snapshot_every": snapshot_every}
     async with sl.LocalCluster(4, allow=["tests"]) as cluster:
         a, b, c, d = cluster.nodes
         pipe = await Pipeline.start(cluster.node, spec(), placement=[[a, b], [c, d]],

@@ -379,6 +379,14 @@ class Scheduler(Actor):
                                     self._stable)
             elif kind == "replica" and sibling is not None:
                 await ref.import_state(await fleet.refs[sibling].export_state())
+            if kind == "replica" and sibling is not None and self.snapshot_every:
+                # The sibling's snapshots are this device's too (replicas are bitwise
+                # equal): the stable one, and after a rollback-free recovery also the
+                # one taken at the last commit, which the next step pushes.
+                keep = {self._stable} if mode == "snapshot" else {self._stable, self._taken}
+                for version in sorted(v for v in keep if v is not None):
+                    await ref.keep_snapshot(
+                        version, await fleet.refs[sibling].snapshot_state(version))
         if mode == "snapshot":
             stable = self._stable
             assert stable is not None
@@ -388,7 +396,7 @@ class Scheduler(Actor):
             self.committed = stable
             self._taken = None
         if self.snapshot_every and self._stable is not None:
-            await self._rehome(old, moved, sources)
+            await self._rehome(old, moved)
         record = {
             "what": "node_lost", "lost": sorted(lost),
             "stages": sorted({s for dev in gone for s in dev.stages}),
@@ -434,11 +442,10 @@ class Scheduler(Actor):
                                     exc.stage, exc.replica) from exc
         return sources
 
-    async def _rehome(self, old: Plan, moved: Sequence[DevicePlan],
-                      sources: dict[Key, tuple[str, Key | None]]) -> None:
+    async def _rehome(self, old: Plan, moved: Sequence[DevicePlan]) -> None:
         """After a recovery: the stable snapshot of every device whose holder changed
         goes to its new holder, from the device's own copy (a moved device that copied
-        a sibling first keeps the sibling's snapshot as its own)."""
+        a sibling kept the sibling's snapshots as its own)."""
         stable = self._stable
         assert stable is not None
         fleet = self.fleet
@@ -447,10 +454,6 @@ class Scheduler(Actor):
             if dev.holder is None or (dev.key not in moved_keys and
                                       dev.holder == old.device(dev.key).holder):
                 continue
-            kind, sibling = sources.get(dev.key, ("", None))
-            if dev.key in moved_keys and kind == "replica" and sibling is not None:
-                await fleet.refs[dev.key].keep_snapshot(
-                    stable, await fleet.refs[sibling].snapshot_state(stable))
             await fleet.refs[dev.key].push_snapshot(fleet.holders[dev.holder],
                                                     fleet.snapshot_key(dev), stable)
 
