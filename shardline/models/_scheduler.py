@@ -24,15 +24,18 @@ import contextlib
 import itertools
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
+import torch
 
-from .. import Actor, ActorRef
+from .. import Actor, ActorRef, ShardlineError
 from . import _tree
+from ._decode import DecodeBatcher, DecodeRow
 from ._errors import PipelineError, PlanError
 from ._fleet import Fleet
 from ._plan import DevicePlan, Plan
@@ -112,7 +115,11 @@ class Scheduler(Actor):
     """Runs steps: hands every device its part of the schedule, waits for all of them,
     and turns the first failure into a ``PipelineError`` (cancelling the rest)."""
 
-    max_concurrency = 64  # concurrent inference calls overlap in the pipeline
+    # Concurrent inference calls overlap in the pipeline, and every running generate
+    # request waits here for its next decode step.
+    max_concurrency = 512
+    decode_rows = 64      # the most requests one decode step runs
+    join_wait_s = 0.002   # how long a decode step waits for the last one's rows
 
     def __init__(self, fleet: Fleet, trace: bool = False, snapshot_every: int = 0,
                  probe_timeout: float = 2.0, max_recoveries: int = 8) -> None:
@@ -135,7 +142,12 @@ class Scheduler(Actor):
         self.loaded = False  # state replaced since start: a fresh build is not it
         self._next_replica = 0
         self._down: set[int] = set()               # replicas with a lost node, no spare
-        self._cache_replica: dict[str, int] = {}   # where each cached request's state is
+        self._pins: dict[str, _Pin] = {}           # where each cached request's state is
+        self._batcher = DecodeBatcher(self._start_decoding, self.decode_rows,
+                                      self.join_wait_s)
+        self.decoded = {"steps": 0, "rows": 0, "max_rows": 0}
+        self._loop_id = ""
+        self._looping = False
         self._programs = [_program(acts) for acts in self.plan.schedule.actions]
 
     @property
@@ -162,7 +174,8 @@ class Scheduler(Actor):
     def stats(self) -> dict[str, Any]:
         return {"steps": self.committed, "stable_snapshot": self._stable,
                 "recoveries": list(self.recoveries),
-                "nonfinite_losses": self.nonfinite_losses}
+                "nonfinite_losses": self.nonfinite_losses,
+                "decode": dict(self.decoded)}
 
     async def resnapshot(self) -> None:
         """The state was replaced (a checkpoint loaded): it becomes the stable snapshot,
@@ -461,51 +474,179 @@ class Scheduler(Actor):
         pipeline heals and the call runs again; with replicas it runs again on another;
         a call with ``cache`` raises instead (its state went with the node), with the
         error's ``recovered`` set when the pipeline is whole again, so the caller can
-        replay the request (``Pipeline.generate`` does)."""
+        replay the request (``Pipeline.generate`` does). So does a call with ``cache``
+        whose state was on a stage that has been replaced since its last call."""
+        if cache is not None:
+            self._check_pin(cache)
         attempts = 0
         while True:
             async with self._gate.hold(exclusive=False):
                 replica = self._replica_for(cache)
                 try:
-                    return await self._infer(x, cache, replica)
+                    output, _ = await self._infer(x, cache, replica)
+                    return output
                 except PipelineError as exc:
                     failure = exc
             attempts += 1
-            lost = await self.fleet.lost_nodes(self.probe_timeout)
-            if not lost or attempts > self.max_recoveries:
-                raise failure
-            if self.fleet.can_replace():
-                async with self._gate.hold(exclusive=True):
-                    # another call may have healed it meanwhile
-                    if await self.fleet.lost_nodes(self.probe_timeout):
-                        await self._heal(failure)
-                    self._down.clear()
-            else:
-                self._down |= {dev.replica for dev in self.plan.on_nodes(lost)}
-                if len(self._down) == self.plan.replicas:
-                    raise failure
+            await self._mend(failure, attempts)
             if cache is not None:
                 failure.recovered = True
-                self._cache_replica.pop(cache, None)
+                self._unpin(cache)
                 raise failure
+
+    async def decode(self, cache: str, token: int) -> torch.Tensor:
+        """The logits (``[vocab]``) that follow ``token`` in request ``cache`` (whose
+        earlier tokens went through ``infer(x, cache)``): one row of the next decode
+        step, which runs every request waiting for one as a single batch. Errors as
+        ``infer``'s for a call with ``cache``."""
+        if self._check_pin(cache) is None:
+            raise LookupError(f"request {cache} has no cached state: its prompt goes "
+                              "through infer(x, cache) first")
+        logits: torch.Tensor = await self._batcher.submit(cache, int(token))
+        return logits
+
+    async def decode_loop(self, loop_id: str) -> None:
+        """Runs decode steps while requests wait for them. Not for callers: the
+        scheduler starts it on its own mailbox when a request arrives and none runs
+        (so it belongs to this actor and ends with it); any other call returns."""
+        if loop_id != self._loop_id or self._looping:
+            return
+        self._looping = True
+        batcher = self._batcher
+        try:
+            while True:
+                rows = await batcher.next_rows()
+                if not rows:
+                    return
+                await self._decode_step(rows)
+                batcher.finished(rows)
+        except BaseException as exc:
+            batcher.fail_all(exc if isinstance(exc, Exception)
+                             else PipelineError("the pipeline stopped", 0))
+            raise
+        finally:
+            self._looping = False
+
+    async def _start_decoding(self) -> None:
+        self._loop_id = secrets.token_hex(8)
+        await self.ref.tell("decode_loop", self._loop_id)
+
+    async def _decode_step(self, rows: list[DecodeRow]) -> None:
+        """One decode step: the rows of each replica as one batch ``[rows, 1]`` through
+        that replica's stages; each row gets its logits or its own error."""
+        groups: dict[int, list[DecodeRow]] = {}
+        for row in rows:
+            if row.done.done():
+                continue  # its caller left meanwhile
+            try:
+                pin = self._check_pin(row.cache)
+            except PipelineError as exc:
+                row.done.set_exception(exc)
+                continue
+            if pin is None:  # released while it waited
+                row.done.set_exception(LookupError(f"request {row.cache} was released"))
+                continue
+            groups.setdefault(pin.replica, []).append(row)
+        async with anyio.create_task_group() as tg:
+            for replica, group in groups.items():
+                tg.start_soon(self._decode_group, replica, group)
+
+    async def _decode_group(self, replica: int, rows: list[DecodeRow]) -> None:
+        x = torch.tensor([[row.token] for row in rows], dtype=torch.int64)
+        caches = [row.cache for row in rows]
+        async with self._gate.hold(exclusive=False):
+            try:
+                logits, errors = await self._infer(x, caches, replica)
+            except PipelineError as exc:
+                failure = exc
+            else:
+                self.decoded["steps"] += 1
+                self.decoded["rows"] += len(rows)
+                self.decoded["max_rows"] = max(self.decoded["max_rows"], len(rows))
+                for i, row in enumerate(rows):
+                    if row.done.done():
+                        continue
+                    if i in errors:
+                        row.done.set_exception(errors[i])
+                    else:
+                        row.done.set_result(logits[i, -1])
+                return
+        try:
+            await self._mend(failure, 1)
+        except PipelineError:
+            recovered = False  # not a lost node: a stage raised for the whole batch
+        else:
+            recovered = True
+        for row in rows:
+            error = PipelineError(str(failure), failure.stage, failure.replica)
+            error.__cause__ = failure.__cause__
+            if recovered:
+                error.recovered = True
+                self._unpin(row.cache)
+            if not row.done.done():
+                row.done.set_exception(error)
+
+    async def _mend(self, failure: PipelineError, attempts: int) -> None:
+        """After a failed inference call: heal the pipeline (spares) or take the
+        replica that lost a node out of rotation (replicas); raises ``failure`` when no
+        node was lost or nothing can be done."""
+        lost = await self.fleet.lost_nodes(self.probe_timeout)
+        if not lost or attempts > self.max_recoveries:
+            raise failure
+        if self.fleet.can_replace():
+            async with self._gate.hold(exclusive=True):
+                # another call may have healed it meanwhile
+                if await self.fleet.lost_nodes(self.probe_timeout):
+                    await self._heal(failure)
+                self._down.clear()
+        else:
+            self._down |= {dev.replica for dev in self.plan.on_nodes(lost)}
+            if len(self._down) == self.plan.replicas:
+                raise failure
+
+    def _check_pin(self, cache: str) -> _Pin | None:
+        """Where request ``cache``'s state is (``None``: a new request); raises
+        (``recovered``) when a stage of that replica was replaced since, or the replica
+        is out of rotation: the state is gone, and the caller may replay the request."""
+        pin = self._pins.get(cache)
+        if pin is None:
+            return None
+        if pin.lost or pin.replica in self._down or \
+                pin.refs != self.fleet.replica(pin.replica):
+            pin.lost = True
+            error = PipelineError(f"request {cache}: a stage holding its state was lost "
+                                  "and replaced", 0, pin.replica)
+            error.recovered = True
+            raise error
+        return pin
+
+    def _unpin(self, cache: str) -> None:
+        """Request ``cache`` lost its state: it can only be released (which frees what
+        is left of it on the stages that survived) and replayed under a new id."""
+        pin = self._pins.get(cache)
+        if pin is not None:
+            pin.lost = True
 
     def _replica_for(self, cache: str | None) -> int:
         """The replica for a call: round robin over those not down; every call of one
         cached request goes where its state is."""
         if cache is not None:
-            placed = self._cache_replica.get(cache)
-            if placed is not None:
-                return placed
+            pin = self._pins.get(cache)
+            if pin is not None:
+                return pin.replica
         up = [r for r in range(self.plan.replicas) if r not in self._down]
         self._next_replica += 1
         replica = up[self._next_replica % len(up)] if up else 0
         if cache is not None:
-            self._cache_replica[cache] = replica
-            if len(self._cache_replica) > 65536:  # requests never released
-                del self._cache_replica[next(iter(self._cache_replica))]
+            self._pins[cache] = _Pin(replica, self.fleet.replica(replica))
+            if len(self._pins) > 65536:  # requests never released
+                del self._pins[next(iter(self._pins))]
         return replica
 
-    async def _infer(self, x: Any, cache: str | None, r: int) -> Any:
+    async def _infer(self, x: Any, cache: str | list[str] | None,
+                     r: int) -> tuple[Any, dict[int, PipelineError]]:
+        """One forward pass on replica ``r``: the output, and for a decode step (a list
+        of cache ids, one per row) the rows that failed alone."""
         schedule = self.plan.schedule
         first = _tree.leaves(x)
         m = max(1, min(schedule.n_microbatches, first[0].shape[0] if first else 1))
@@ -538,17 +679,43 @@ class Scheduler(Actor):
         if failure:
             raise self._error(failure[0], "")
         if self.tracing:
-            self._records.append({"step": step, "what": "infer", "start": started,
-                                  "end": time.time(),
-                                  "devices": [r.pop("spans", []) for r in results]})
+            record = {"step": step, "what": "infer" if not isinstance(cache, list)
+                      else "decode", "start": started, "end": time.time(),
+                      "devices": [r.pop("spans", []) for r in results]}
+            self._records.append(record)
+        errors: dict[int, PipelineError] = {}
+        for d, result in enumerate(results):  # the first stage a row failed on counts
+            for row, message in result.get("row_errors", {}).items():
+                if int(row) not in errors:
+                    errors[int(row)] = PipelineError(
+                        f"stage {d}{f' of replica {r}' if self.plan.replicas > 1 else ''}"
+                        f" failed for this request: {message}", d, r)
         outputs = results[last_device]["outputs"]
-        return _tree.cat([outputs[i] for i in range(m)])
+        return _tree.cat([outputs[i] for i in range(m)]), errors
 
     async def release(self, cache: str) -> None:
-        replica = self._cache_replica.pop(cache, None)
-        if replica is not None:
-            for ref in self.fleet.replica(replica):
+        """Request ``cache`` ended: it leaves the decode batch, and every stage frees
+        its state."""
+        self._batcher.leave(cache)
+        pin = self._pins.pop(cache, None)
+        if pin is None:
+            return
+        # The stages it started on: after a recovery, the survivors still hold its state.
+        for ref in pin.refs:
+            with contextlib.suppress(ShardlineError):  # a lost node: nothing left to free
                 await ref.tell("release", cache)
+
+
+class _Pin:
+    """Where a cached request's state lives: its replica, and that replica's stage
+    actors when it started (a stage replaced since holds none of it)."""
+
+    __slots__ = ("lost", "refs", "replica")
+
+    def __init__(self, replica: int, refs: list[ActorRef]) -> None:
+        self.replica = replica
+        self.refs = refs
+        self.lost = False  # part of its state went with a lost node
 
 
 async def _done() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -39,6 +40,8 @@ from ._snapshot import State, Versions
 from ._spec import LayerSpec, import_path
 
 __all__ = ["StageActor"]
+
+log = logging.getLogger("shardline.models")
 
 T = TypeVar("T")
 
@@ -78,6 +81,7 @@ class StageActor(Actor):
         self.cache_idle_s = cache_idle_s
         self._caches: dict[str, _Cache] = {}       # device thread only
         self._expired: dict[str, None] = {}        # recently expired ids, oldest first
+        self._released: dict[str, None] = {}       # recently released ids, oldest first
         self._snapshots = Versions(keep=2)
         self.version = 0                           # training steps committed here
         self._sync: GradSync | None = None         # gradient averaging over replicas
@@ -193,7 +197,7 @@ class StageActor(Actor):
                   inputs: dict[int, Any] | None = None,
                   targets: dict[int, Any] | None = None, train: bool = True,
                   n_microbatches: int = 1, trace: bool = False,
-                  cache: str | None = None) -> dict[str, Any]:
+                  cache: str | list[str] | None = None) -> dict[str, Any]:
         """Execute this device's program for one step: ``actions`` are
         ``[stage, kind, microbatch]`` in order, kind ``F`` (forward), ``B`` (full
         backward), ``I`` (input gradient only) or ``W`` (weight gradient, after ``I``).
@@ -204,6 +208,10 @@ class StageActor(Actor):
         ``trace``, also ``{"spans": [[stage, kind, mb, start, end], ...]}``. With
         ``cache`` (inference), layers that have ``forward_cached`` keep their state
         (e.g. keys and values) under that id for the next call, until ``release``.
+        With a list of ids (a decode step of many requests, one row of the batch each),
+        row ``i`` continues the state of ``cache[i]``, which must exist; a row that
+        fails (its state is gone, its sequence outgrew the model) fails alone: its
+        output is zeros and ``{"row_errors": {row: message}}`` says why.
         """
         device = self.link
         loop = asyncio.get_running_loop()
@@ -223,6 +231,8 @@ class StageActor(Actor):
             result["losses"] = program.losses
         if program.outputs:
             result["outputs"] = program.outputs
+        if program.row_errors:
+            result["row_errors"] = program.row_errors
         if program.spans is not None:
             result["spans"] = program.spans
         return result
@@ -330,8 +340,11 @@ class StageActor(Actor):
             target = _tree.map_tensors(target, _aligned)
             x_leaves: list[torch.Tensor] = []
             loss: torch.Tensor | None = None
-            if program.cache is not None and not program.train:
-                y = self._forward_cached(s, value, program.cache)
+            cache = program.cache if not program.train else None
+            if isinstance(cache, list):
+                y = self._forward_rows(s, value, cache, program.row_errors)
+            elif cache is not None:
+                y = self._forward_cached(s, value, cache)
             else:
                 y, x_leaves, loss = self._forward(s, value, program.train, target,
                                                   program.n_microbatches)
@@ -402,11 +415,11 @@ class StageActor(Actor):
         device thread, until ``release`` or ``cache_idle_s`` without use."""
         now = time.monotonic()
         self._expire_caches()
-        if cache_id in self._expired:
-            raise LookupError(f"request {cache_id} was idle for over {self.cache_idle_s} s; "
-                              "its cached state is gone")
         entry = self._caches.get(cache_id)
         if entry is None:
+            why = self._gone(cache_id)
+            if why is not None:
+                raise LookupError(why)
             entry = self._caches[cache_id] = _Cache()
         entry.used = now
         layers = list(self.chunks[stage].children())
@@ -417,6 +430,82 @@ class StageActor(Actor):
                 cached = getattr(layer, "forward_cached", None)
                 x = cached(x, state) if cached is not None else layer(x)
         return x
+
+    def _forward_rows(self, stage: int, x: Any, cache_ids: list[str],
+                      errors: dict[int, str]) -> Any:
+        """A decode step of many requests: row ``i`` of ``x`` continues request
+        ``cache_ids[i]``. Layers with ``forward_cached_batch`` run the whole batch at
+        once, others row by row. A row whose state is missing here, or that makes a
+        layer raise, fails alone (recorded in ``errors``; its output is zeros): one bad
+        request must not fail the others it happens to share a step with."""
+        now = time.monotonic()
+        self._expire_caches()
+        layers = list(self.chunks[stage].children())
+        good: list[int] = []
+        rows: list[list[dict[str, Any]]] = []
+        for i, cache_id in enumerate(cache_ids):
+            if i in errors:
+                continue  # failed upstream: its state here must not move on
+            entry = self._caches.get(cache_id)
+            if entry is None:
+                why = self._gone(cache_id) or (f"request {cache_id} has no cached state "
+                                               "here (never prefilled, or the stage was "
+                                               "replaced)")
+                errors[i] = f"stage {stage}: {why}"
+                continue
+            entry.used = now
+            good.append(i)
+            rows.append(entry.layers.setdefault(stage, [{} for _ in layers]))
+        if not good:
+            raise LookupError("; ".join(errors[i] for i in sorted(errors)))
+        with torch.inference_mode():
+            x = _tree.map_tensors(x, lambda t: t.to(self.device))
+            part = x if len(good) == len(cache_ids) else _rows_of(x, good)
+            saved = [[dict(state) for state in row] for row in rows]
+            try:
+                y = _run_rows(layers, part, rows)
+            except Exception as exc:
+                # Put every row's state back (layers replace state entries, never write
+                # into them), then find the culprit(s) by running the rows one by one.
+                for row, kept in zip(rows, saved, strict=True):
+                    for state, before in zip(row, kept, strict=True):
+                        state.clear()
+                        state.update(before)
+                log.debug("a batched decode step on stage %d raised (%s); running its %d "
+                          "rows one by one", stage, exc, len(rows))
+                y = self._rows_one_by_one(stage, layers, part, rows, good, errors)
+            if len(good) < len(cache_ids):
+                y = _tree.map_tensors(y, lambda t: _scatter_rows(t, good, len(cache_ids)))
+        return y
+
+    def _rows_one_by_one(self, stage: int, layers: list[nn.Module], x: Any,
+                         rows: list[list[dict[str, Any]]], where: list[int],
+                         errors: dict[int, str]) -> Any:
+        outs: list[Any] = []
+        ok: list[int] = []
+        for j, (row, i) in enumerate(zip(rows, where, strict=True)):
+            try:
+                outs.append(_run_rows(layers, _rows_of(x, [j]), [row]))
+                ok.append(j)
+            except Exception as exc:
+                errors[i] = f"stage {stage}: {type(exc).__name__}: {exc}"
+        if not outs:
+            raise LookupError("; ".join(errors[i] for i in sorted(errors)))
+        y = _tree.cat(outs)
+        if len(ok) < len(rows):
+            y = _tree.map_tensors(y, lambda t: _scatter_rows(t, ok, len(rows)))
+        return y
+
+    def _gone(self, cache_id: str) -> str | None:
+        """Why a request whose state this stage dropped cannot go on, or ``None``.
+        Continuing it from nothing would give wrong tokens, and a late call of a
+        released one would leave a cache nobody frees."""
+        if cache_id in self._expired:
+            return (f"request {cache_id} was idle for over {self.cache_idle_s} s; its "
+                    "cached state is gone")
+        if cache_id in self._released:
+            return f"request {cache_id} was released"
+        return None
 
     def _expire_caches(self) -> None:
         """Device thread: drop the state of requests idle for ``cache_idle_s`` (abandoned
@@ -434,6 +523,9 @@ class StageActor(Actor):
 
     def _drop_cache(self, cache_id: str) -> None:
         self._caches.pop(cache_id, None)
+        self._released[cache_id] = None
+        if len(self._released) > 4096:
+            del self._released[next(iter(self._released))]
 
     def cached_requests(self) -> int:
         return len(self._caches)
@@ -647,7 +739,8 @@ class _Program:
         self.losses: dict[int, float] = {}
         self.outputs: dict[int, Any] = {}
         self.spans: list[list[Any]] | None = None  # [stage, kind, mb, start, end]
-        self.cache: str | None = None
+        self.cache: str | list[str] | None = None
+        self.row_errors: dict[int, str] = {}  # decode step: rows that failed, and why
         self.done = done
         # per stage, the index of the action whose backward leaves its weight
         # gradients final (the last B or W): their all-reduce may start there
@@ -656,6 +749,40 @@ class _Program:
     def resolve(self, error: Exception | None) -> None:
         """From the device thread: the program finished (or failed with ``error``)."""
         _settle(self.done.get_loop(), self.done, None, error)
+
+
+def _run_rows(layers: list[nn.Module], x: Any, rows: list[list[dict[str, Any]]]) -> Any:
+    """``x`` (one row per request) through ``layers``; ``rows[i][j]`` is request ``i``'s
+    state in layer ``j``."""
+    for j, layer in enumerate(layers):
+        states = [row[j] for row in rows]
+        batched = getattr(layer, "forward_cached_batch", None)
+        if batched is not None:
+            x = batched(x, states)
+            continue
+        cached = getattr(layer, "forward_cached", None)
+        if cached is None:
+            x = layer(x)  # keeps no state: the batch is just a batch
+        elif len(states) == 1:
+            x = cached(x, states[0])
+        else:  # correct, only slower: one call per row
+            x = _tree.cat([cached(_rows_of(x, [i]), state)
+                           for i, state in enumerate(states)])
+    return x
+
+
+def _rows_of(x: Any, rows: list[int]) -> Any:
+    if len(rows) == 1:
+        return _tree.map_tensors(x, lambda t: t[rows[0]:rows[0] + 1])
+    index = torch.tensor(rows)
+    return _tree.map_tensors(x, lambda t: t.index_select(0, index.to(t.device)))
+
+
+def _scatter_rows(t: torch.Tensor, rows: list[int], n: int) -> torch.Tensor:
+    """``t``'s rows at positions ``rows`` of ``n`` rows, zeros elsewhere."""
+    out = t.new_zeros((n, *t.shape[1:]))
+    out[torch.tensor(rows, device=t.device)] = t
+    return out
 
 
 def _detached(y: Any) -> Any:

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._kvbatch import append_rows, past_lengths, row_mask, row_positions
+
 __all__ = ["DEFAULT", "Block", "Embed", "Head", "batches", "corpus", "generate", "layers",
            "loss", "model", "n_layers", "spec"]
 
@@ -47,6 +49,21 @@ class Embed(nn.Module):
                              f"{self.positions.num_embeddings}")
         cache["pos"] = end
         pos = torch.arange(start, end, device=idx.device)
+        out: torch.Tensor = self.tokens(idx) + self.positions(pos)
+        return out
+
+    def forward_cached_batch(self, idx: torch.Tensor,
+                             states: list[dict[str, Any]]) -> torch.Tensor:
+        """``forward_cached`` for many requests at once: row ``i`` of ``idx`` continues
+        the sequence of ``states[i]``."""
+        starts = [int(s.get("pos", 0)) for s in states]
+        t = idx.shape[1]
+        if max(starts) + t > self.positions.num_embeddings:  # before any state changes
+            raise ValueError(f"sequence of {max(starts) + t} tokens exceeds the model's "
+                             f"context of {self.positions.num_embeddings}")
+        for state, start in zip(states, starts, strict=True):
+            state["pos"] = start + t
+        pos = row_positions(starts, t, idx.device)
         out: torch.Tensor = self.tokens(idx) + self.positions(pos)
         return out
 
@@ -90,6 +107,19 @@ class Block(nn.Module):
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return self._finish(x, att)
 
+    def forward_cached_batch(self, x: torch.Tensor,
+                             states: list[dict[str, Any]]) -> torch.Tensor:
+        """``forward_cached`` for many requests at once: row ``i`` of ``x`` continues the
+        sequence whose keys and values ``states[i]`` holds (rows of any lengths)."""
+        b, t = x.shape[:2]
+        q, k, v = self.qkv(self.norm1(x)).split(self.qkv.out_features // 3, dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        lengths = past_lengths(states)
+        keys, values = append_rows(states, k, v)
+        att = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=row_mask(lengths, t, None, x.device))
+        return self._finish(x, att)
+
     def _finish(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
         b, t = x.shape[:2]
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, -1))
@@ -108,6 +138,10 @@ class Head(nn.Module):
         return logits
 
     def forward_cached(self, x: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
+        return self.forward(x)
+
+    def forward_cached_batch(self, x: torch.Tensor,
+                             states: list[dict[str, Any]]) -> torch.Tensor:
         return self.forward(x)
 
 

@@ -10,7 +10,9 @@ tensors crosses processes.
 ``forward_cached(x, state)`` is the per-request form ``Pipeline.generate`` uses: the
 embeddings keep ``state["pos"]`` (tokens seen), each decoder layer ``state["k"]`` and
 ``state["v"]`` (``[batch, kv_heads, seen, head_dim]``, after rotary), the head keeps
-nothing.
+nothing. ``forward_cached_batch(x, states)`` runs many requests at once (continuous
+batching): row ``i`` of ``x`` continues ``states[i]``, rows of any lengths (right-padded
+and masked, ``_kvbatch``); each row gets its own positions, rotary embeddings and mask.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .._kvbatch import append_rows, past_lengths, row_mask, row_positions
 
 __all__ = ["Decoder", "Embeddings", "Head", "causal_mask"]
 
@@ -40,17 +44,32 @@ class Embeddings(nn.Module):
         state["pos"] = start + ids.shape[1]
         return out
 
-    def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"the first stage takes token ids (int64), got {ids.dtype}")
+    def forward_cached_batch(self, ids: torch.Tensor,
+                             states: list[dict[str, Any]]) -> torch.Tensor:
+        starts = [int(s.get("pos", 0)) for s in states]
+        t = ids.shape[1]
+        self._check(ids, max(starts) + t)  # before any state changes
+        for state, start in zip(states, starts, strict=True):
+            state["pos"] = start + t
         h: torch.Tensor = self.tokens(ids)
         if self.positions is not None:
-            end = start + ids.shape[1]
-            if end > self.positions.num_embeddings:
-                raise ValueError(f"sequence of {end} tokens exceeds the model's context of "
-                                 f"{self.positions.num_embeddings}")
+            h = h + self.positions(row_positions(starts, t, ids.device))
+        return h
+
+    def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + ids.shape[1]
+        self._check(ids, end)
+        h: torch.Tensor = self.tokens(ids)
+        if self.positions is not None:
             h = h + self.positions(torch.arange(start, end, device=ids.device))
         return h
+
+    def _check(self, ids: torch.Tensor, end: int) -> None:
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"the first stage takes token ids (int64), got {ids.dtype}")
+        if self.positions is not None and end > self.positions.num_embeddings:
+            raise ValueError(f"sequence of {end} tokens exceeds the model's context of "
+                             f"{self.positions.num_embeddings}")
 
 
 class Decoder(nn.Module):
@@ -71,16 +90,25 @@ class Decoder(nn.Module):
     def forward_cached(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         return self._run(h, state)
 
+    def forward_cached_batch(self, h: torch.Tensor,
+                             states: list[dict[str, Any]]) -> torch.Tensor:
+        lengths = past_lengths(states)
+        t = h.shape[1]
+        return self._call(h, row_mask(lengths, t, self.window, h.device),
+                          _RowsCache(states), row_positions(lengths, t, h.device))
+
     def _run(self, h: torch.Tensor, state: dict[str, Any] | None) -> torch.Tensor:
         past_k = state.get("k") if state is not None else None
         past = 0 if past_k is None else int(past_k.shape[2])
         t = h.shape[1]
-        kwargs: dict[str, Any] = {
-            "attention_mask": causal_mask(past, t, self.window, h.device),
-            self.cache_arg: _LayerCache(state) if state is not None else None,
-        }
+        return self._call(h, causal_mask(past, t, self.window, h.device),
+                          _LayerCache(state) if state is not None else None,
+                          torch.arange(past, past + t, device=h.device).unsqueeze(0))
+
+    def _call(self, h: torch.Tensor, mask: torch.Tensor | None, cache: Any,
+              positions: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"attention_mask": mask, self.cache_arg: cache}
         if self.rotary is not None:
-            positions = torch.arange(past, past + t, device=h.device).unsqueeze(0)
             kwargs["position_ids"] = positions
             kwargs["position_embeddings"] = self.rotary(h, positions)
         out = self.layer(h, **kwargs)
@@ -103,6 +131,10 @@ class Head(nn.Module):
         return logits
 
     def forward_cached(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        return self.forward(h)
+
+    def forward_cached_batch(self, h: torch.Tensor,
+                             states: list[dict[str, Any]]) -> torch.Tensor:
         return self.forward(h)
 
 
@@ -138,3 +170,15 @@ class _LayerCache:
             values = torch.cat([self.state["v"], values], dim=2)
         self.state["k"], self.state["v"] = keys, values
         return keys, values
+
+
+class _RowsCache:
+    """``_LayerCache`` for a batch of requests: row ``i`` appends to ``states[i]``; the
+    layer attends over the right-padded batch (``row_mask`` hides the padding)."""
+
+    def __init__(self, states: list[dict[str, Any]]) -> None:
+        self.states = states
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return append_rows(self.states, keys, values)

@@ -1,0 +1,86 @@
+"""Attention over many requests at once, each row of the batch continuing its own
+sequence (continuous batching).
+
+Every request keeps its keys and values in its own state dict (``state["k"]``,
+``state["v"]``: ``[1, heads, seen, head_dim]``), so requests can join and leave the
+batch between steps. A batched step right-pads the rows' histories to the longest one,
+appends each row's new keys right after its own history, and masks the padding out of
+the attention. The padding is the price of one attention call for the whole batch
+instead of one per row; with decode steps (one new token per row) it is a copy of each
+row's history, which costs far less than the per-row calls it saves.
+
+Each row's state then keeps a view of its part of the padded batch tensors (no copy);
+the next step copies it into that step's padded tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["append_rows", "past_lengths", "row_mask", "row_positions"]
+
+
+def past_lengths(states: Sequence[dict[str, Any]]) -> list[int]:
+    """Tokens each row's state already holds keys for."""
+    return [0 if s.get("k") is None else int(s["k"].shape[2]) for s in states]
+
+
+def append_rows(states: Sequence[dict[str, Any]], keys: torch.Tensor,
+                values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the new ``keys`` / ``values`` (``[rows, heads, t, head_dim]``) of each row to
+    its state; returns every row's keys and values so far, right-padded with zeros to
+    ``[rows, heads, longest + t, head_dim]`` (zeros, not garbage: a masked score is
+    still computed, and NaN times a zero weight is NaN)."""
+    rows, heads, t, dim = keys.shape
+    lengths = past_lengths(states)
+    width = max(lengths) + t
+    all_keys = keys.new_zeros(rows, heads, width, dim)
+    all_values = values.new_zeros(rows, heads, width, dim)
+    if len(set(lengths)) == 1:
+        n = lengths[0]
+        all_keys[:, :, n:n + t] = keys
+        all_values[:, :, n:n + t] = values
+        for i, state in enumerate(states):
+            if n:
+                all_keys[i, :, :n] = state["k"][0]
+                all_values[i, :, :n] = state["v"][0]
+    else:
+        for i, (state, n) in enumerate(zip(states, lengths, strict=True)):
+            if n:
+                all_keys[i, :, :n] = state["k"][0]
+                all_values[i, :, :n] = state["v"][0]
+            all_keys[i, :, n:n + t] = keys[i]
+            all_values[i, :, n:n + t] = values[i]
+    for i, (state, n) in enumerate(zip(states, lengths, strict=True)):
+        state["k"] = all_keys[i:i + 1, :, :n + t]
+        state["v"] = all_values[i:i + 1, :, :n + t]
+    return all_keys, all_values
+
+
+def row_positions(lengths: Sequence[int], t: int, device: torch.device) -> torch.Tensor:
+    """Positions ``[rows, t]`` of each row's ``t`` new tokens (after its own history)."""
+    start = torch.tensor(list(lengths), dtype=torch.int64, device=device)
+    return start[:, None] + torch.arange(t, device=device)[None, :]
+
+
+def row_mask(lengths: Sequence[int], t: int, window: int | None,
+             device: torch.device) -> torch.Tensor | None:
+    """Which keys of the padded batch (``append_rows``) each new query sees, as a boolean
+    ``[rows, 1, t, longest + t]`` mask: its own row's history and the new tokens up to
+    itself, within ``window`` tokens when there is one. ``None`` where every key is
+    visible to every query (one new token per row, all rows equally long, no window in
+    reach), which lets the attention kernel skip the mask."""
+    longest = max(lengths)
+    width = longest + t
+    windowed = window is not None and width > window
+    if t == 1 and not windowed and min(lengths) == longest:
+        return None
+    query = row_positions(lengths, t, device)[:, None, :, None]  # [rows, 1, t, 1]
+    key = torch.arange(width, device=device)[None, None, None, :]
+    keep = key <= query  # the padding lies after the row's last position: masked too
+    if window is not None:
+        keep &= query - key < window  # transformers' sliding window: the last `window`
+    return keep
