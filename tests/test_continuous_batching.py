@@ -17,6 +17,7 @@ from torch import nn
 
 import shardline as sl
 from shardline.models import Pipeline, PipelineError, gpt, hf
+from shardline.models._scheduler import Scheduler
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,7 +154,7 @@ async def same_tokens_alone_and_together(pipe: Pipeline, vocab: int) -> dict[str
     assert [len(t) for t in got] == [12, 20, 9, expected[3].__len__(), 4, 3,
                                      expected[6].__len__(), 7]
     await until(lambda: _all_free(pipe))
-    return {k: after[k] - before[k] for k in ("steps", "rows")} | {
+    return {k: after[k] - before[k] for k in ("calls", "rows")} | {
         "max_rows": after["max_rows"]}
 
 
@@ -164,7 +165,7 @@ async def _all_free(pipe: Pipeline) -> bool:
 def batched(counters: dict[str, int], n_requests: int) -> None:
     """Proof of batching: decode rows shared pipeline calls."""
     assert counters["max_rows"] >= n_requests // 2
-    assert counters["steps"] * 2 <= counters["rows"]
+    assert counters["calls"] * 2 <= counters["rows"]
 
 
 # -- the layers: one batched call equals one call per row ---------------------------------
@@ -356,14 +357,20 @@ async def test_a_layer_without_a_batched_forward_runs_row_by_row() -> None:
 
 
 @pytest.mark.timeout(120)
-async def test_a_long_prompt_is_prefilled_in_chunks_apart_from_the_decodes() -> None:
+async def test_a_long_prompt_is_prefilled_in_chunks_apart_from_the_decodes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    long_prompt = list(range(1, 41))
     async with sl.Node() as node:
+        reference = await Pipeline.start(node, gpt.spec(GPT), stages=2)
+        try:
+            expected = [t async for t in reference.generate(long_prompt, 6,
+                                                            eos_token_id=[])]
+            short = [t async for t in reference.generate([4, 5], 40, eos_token_id=[])]
+        finally:
+            await reference.stop()
+        monkeypatch.setattr(Scheduler, "prefill_chunk", 8)
         pipe = await Pipeline.start(node, gpt.spec(GPT), stages=2)
         try:
-            long_prompt = list(range(1, 41))
-            expected = [t async for t in pipe.generate(long_prompt, 6, eos_token_id=[])]
-            short = [t async for t in pipe.generate([4, 5], 40, eos_token_id=[])]
-            pipe.prefill_chunk = 8
             running = pipe.generate([4, 5], 40, eos_token_id=[])
             got_short = [await anext(running)]
             got_long: list[int] = []
@@ -380,11 +387,29 @@ async def test_a_long_prompt_is_prefilled_in_chunks_apart_from_the_decodes() -> 
                 tg.start_soon(long_one)
             assert got_long == expected and got_short == short
             kinds = [s.what for s in trace.steps]
-            assert kinds.count("infer") == 5  # the 40-token prompt, 8 at a time
-            first, last = kinds.index("infer"), len(kinds) - 1 - kinds[::-1].index("infer")
-            # the short request kept decoding between the long prompt's chunks
-            first, last = kinds.index("infer"), len(kinds) - 1 - kinds[::-1].index("infer")
-            assert "decode" in kinds[first:last]
+            assert kinds.count("prefill") == 5  # the 40-token prompt, 8 at a time
+            first, last = kinds.index("prefill"), len(kinds) - 1 - kinds[::-1].index("prefill")
+            assert "decode" in kinds[first:last]  # the running request went on meanwhile
+        finally:
+            await pipe.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_prompts_arriving_together_share_prefill_calls(
+        checkpoints: dict[str, Path]) -> None:
+    """Prompts of different lengths go through in one call (right-padded rows), and
+    give the tokens they give alone."""
+    async with sl.Node() as node:
+        pipe = await Pipeline.start(node, hf.spec(checkpoints["llama"]), stages=2)
+        try:
+            reqs = requests(VOCAB)
+            expected = await alone(pipe, reqs)
+            before = (await pipe.stats())["prefill"]
+            assert await together(pipe, reqs) == expected
+            after = (await pipe.stats())["prefill"]
+            assert after["rows"] - before["rows"] == len(reqs)
+            assert after["calls"] - before["calls"] < len(reqs)
+            assert after["max_rows"] > 1
         finally:
             await pipe.stop()
 

@@ -3,14 +3,19 @@ sequence (continuous batching).
 
 Every request keeps its keys and values in its own state dict (``state["k"]``,
 ``state["v"]``: ``[1, heads, seen, head_dim]``), so requests can join and leave the
-batch between steps. A batched step right-pads the rows' histories to the longest one,
+batch between steps. A batched call right-pads the rows' histories to the longest one,
 appends each row's new keys right after its own history, and masks the padding out of
 the attention. The padding is the price of one attention call for the whole batch
 instead of one per row; with decode steps (one new token per row) it is a copy of each
 row's history, which costs far less than the per-row calls it saves.
 
+The rows of a prefill call bring different numbers of new tokens (``lengths``): their
+input is right-padded to the longest too. A padding token's key lies after every real
+query of its row, so causality hides it; it is not kept in the row's state, and its
+own output is garbage nobody reads (the head takes each row's last real position).
+
 Each row's state then keeps a view of its part of the padded batch tensors (no copy);
-the next step copies it into that step's padded tensors.
+the next call copies it into that call's padded tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["append_rows", "past_lengths", "row_mask", "row_positions"]
+__all__ = ["append_rows", "last_positions", "new_lengths", "past_lengths", "row_mask",
+           "row_positions"]
 
 
 def past_lengths(states: Sequence[dict[str, Any]]) -> list[int]:
@@ -28,59 +34,80 @@ def past_lengths(states: Sequence[dict[str, Any]]) -> list[int]:
     return [0 if s.get("k") is None else int(s["k"].shape[2]) for s in states]
 
 
+def new_lengths(lengths: Sequence[int] | None, rows: int, t: int) -> list[int]:
+    """How many of each row's ``t`` new tokens are real (``None``: all of them)."""
+    if lengths is None:
+        return [t] * rows
+    if len(lengths) != rows or not all(1 <= n <= t for n in lengths):
+        raise ValueError(f"lengths must give 1..{t} new tokens for each of {rows} rows, "
+                         f"got {list(lengths)}")
+    return [int(n) for n in lengths]
+
+
 def append_rows(states: Sequence[dict[str, Any]], keys: torch.Tensor,
-                values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                values: torch.Tensor,
+                lengths: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Append the new ``keys`` / ``values`` (``[rows, heads, t, head_dim]``) of each row to
-    its state; returns every row's keys and values so far, right-padded with zeros to
-    ``[rows, heads, longest + t, head_dim]`` (zeros, not garbage: a masked score is
-    still computed, and NaN times a zero weight is NaN)."""
+    its state (only its first ``lengths[i]``: the rest is padding); returns every row's
+    keys and values, right-padded with zeros to ``[rows, heads, longest + t,
+    head_dim]`` (zeros, not garbage: a masked score is still computed, and NaN times a
+    zero weight is NaN)."""
     rows, heads, t, dim = keys.shape
-    lengths = past_lengths(states)
-    width = max(lengths) + t
+    past = past_lengths(states)
+    new = new_lengths(lengths, rows, t)
+    width = max(past) + t
     all_keys = keys.new_zeros(rows, heads, width, dim)
     all_values = values.new_zeros(rows, heads, width, dim)
-    if len(set(lengths)) == 1:
-        n = lengths[0]
+    if len(set(past)) == 1:
+        n = past[0]
         all_keys[:, :, n:n + t] = keys
         all_values[:, :, n:n + t] = values
-        for i, state in enumerate(states):
-            if n:
+        if n:
+            for i, state in enumerate(states):
                 all_keys[i, :, :n] = state["k"][0]
                 all_values[i, :, :n] = state["v"][0]
     else:
-        for i, (state, n) in enumerate(zip(states, lengths, strict=True)):
+        for i, (state, n) in enumerate(zip(states, past, strict=True)):
             if n:
                 all_keys[i, :, :n] = state["k"][0]
                 all_values[i, :, :n] = state["v"][0]
             all_keys[i, :, n:n + t] = keys[i]
             all_values[i, :, n:n + t] = values[i]
-    for i, (state, n) in enumerate(zip(states, lengths, strict=True)):
-        state["k"] = all_keys[i:i + 1, :, :n + t]
-        state["v"] = all_values[i:i + 1, :, :n + t]
+    for i, (state, n, m) in enumerate(zip(states, past, new, strict=True)):
+        state["k"] = all_keys[i:i + 1, :, :n + m]
+        state["v"] = all_values[i:i + 1, :, :n + m]
     return all_keys, all_values
 
 
-def row_positions(lengths: Sequence[int], t: int, device: torch.device) -> torch.Tensor:
+def row_positions(past: Sequence[int], t: int, device: torch.device) -> torch.Tensor:
     """Positions ``[rows, t]`` of each row's ``t`` new tokens (after its own history)."""
-    start = torch.tensor(list(lengths), dtype=torch.int64, device=device)
+    start = torch.tensor(list(past), dtype=torch.int64, device=device)
     return start[:, None] + torch.arange(t, device=device)[None, :]
 
 
-def row_mask(lengths: Sequence[int], t: int, window: int | None,
+def row_mask(past: Sequence[int], t: int, window: int | None,
              device: torch.device) -> torch.Tensor | None:
     """Which keys of the padded batch (``append_rows``) each new query sees, as a boolean
     ``[rows, 1, t, longest + t]`` mask: its own row's history and the new tokens up to
     itself, within ``window`` tokens when there is one. ``None`` where every key is
     visible to every query (one new token per row, all rows equally long, no window in
     reach), which lets the attention kernel skip the mask."""
-    longest = max(lengths)
+    longest = max(past)
     width = longest + t
     windowed = window is not None and width > window
-    if t == 1 and not windowed and min(lengths) == longest:
+    if t == 1 and not windowed and min(past) == longest:
         return None
-    query = row_positions(lengths, t, device)[:, None, :, None]  # [rows, 1, t, 1]
+    query = row_positions(past, t, device)[:, None, :, None]  # [rows, 1, t, 1]
     key = torch.arange(width, device=device)[None, None, None, :]
     keep = key <= query  # the padding lies after the row's last position: masked too
     if window is not None:
         keep &= query - key < window  # transformers' sliding window: the last `window`
     return keep
+
+
+def last_positions(x: torch.Tensor, lengths: Sequence[int] | None) -> torch.Tensor:
+    """Each row's last real position of ``x`` (``[rows, t, ...]``), as ``[rows, 1, ...]``."""
+    if lengths is None:
+        return x[:, -1:]
+    index = torch.tensor([n - 1 for n in lengths], dtype=torch.int64, device=x.device)
+    return x[torch.arange(x.shape[0], device=x.device), index].unsqueeze(1)

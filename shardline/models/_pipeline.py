@@ -36,11 +36,6 @@ Placement = str | RemoteNode | tuple[RemoteNode, str]
 class Pipeline:
     """A model split over stage actors. Build it with ``await Pipeline.start(...)``."""
 
-    prefill_chunk = 128
-    """``generate`` sends a prompt through in calls of at most this many tokens: the
-    requests decoding meanwhile wait for one chunk per stage, never a whole long
-    prompt."""
-
     def __init__(self, node: Node, scheduler: ActorRef, fleet: Fleet,
                  trace: bool = False) -> None:
         self.node = node
@@ -219,15 +214,16 @@ class Pipeline:
         """Tokens of a continuation of ``prompt`` (token ids), one at a time, for a
         causal LM whose last layer returns logits ``[batch, time, vocab]``.
 
-        The prompt goes through the pipeline once (in calls of at most
-        ``prefill_chunk`` tokens, so a long prompt does not hold up the requests
-        already decoding); after that only the newest token does: every stage keeps its
-        layers' keys and values for this request (``forward_cached``) until the
+        The prompt goes through the pipeline once; after that only the newest token
+        does: every stage keeps its layers' keys and values for this request until the
         iteration ends, is closed or cancelled. Concurrent calls are batched token by
-        token (continuous batching): each decode step runs the newest token of every
-        request waiting for one as one batch through the stages
-        (``forward_cached_batch``); requests join and leave between steps, each with its
-        own state on every stage, and get the tokens they would get alone.
+        token (continuous batching, ``forward_cached_batch``): each decode step runs
+        the newest token of every request waiting for one as one batch through the
+        stages; requests join and leave between steps, each with its own state on every
+        stage, and get the tokens they would get alone. New prompts go through in
+        prefill calls of their own, between decode steps, several prompts per call
+        and at most ``Scheduler.prefill_chunk`` tokens of each, so a long prompt holds
+        up the running requests for one chunk at a time.
         ``temperature == 0`` is greedy; otherwise sampling with nucleus ``top_p`` and a
         generator of this request's own, seeded with ``seed``. Generation stops after
         yielding ``eos_token_id`` (one id or several; ``None``: the ``eos_token_id`` of
@@ -242,27 +238,27 @@ class Pipeline:
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
 
-        ids = torch.as_tensor(prompt, dtype=torch.int64).reshape(1, -1)
-        if ids.shape[1] == 0:
+        ids = torch.as_tensor(prompt, dtype=torch.int64).reshape(-1).tolist()
+        if not ids:
             raise ValueError("the prompt is empty")
         gen = torch.Generator()
         gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         cache = secrets.token_hex(8)
         tokens: list[int] = []
 
-        async def prefill(x: torch.Tensor) -> torch.Tensor:
-            logits: torch.Tensor | None = None
-            for start in range(0, x.shape[1], self.prefill_chunk):
-                logits = await self._schedule("infer", x[:, start:start + self.prefill_chunk],
-                                              cache)
-            assert logits is not None
-            return logits[0, -1]
+        # Greedy: the last stage sends the argmax, not a vocabulary-wide row of logits.
+        async def prefill(x: list[int]) -> torch.Tensor | int:
+            out: torch.Tensor | int = await self._schedule("prefill", cache, x,
+                                                           temperature == 0)
+            return out
 
-        async def decode(token: int) -> torch.Tensor:
-            logits: torch.Tensor = await self._schedule("decode", cache, token)
-            return logits
+        async def decode(token: int) -> torch.Tensor | int:
+            out: torch.Tensor | int = await self._schedule("decode", cache, token,
+                                                           temperature == 0)
+            return out
 
-        async def forward(first: Callable[[], Awaitable[torch.Tensor]]) -> torch.Tensor:
+        async def forward(first: Callable[[], Awaitable[torch.Tensor | int]]
+                          ) -> torch.Tensor | int:
             nonlocal cache
             try:
                 return await first()
@@ -280,7 +276,7 @@ class Pipeline:
                     await _quietly(self.scheduler.release(cache))
                 cache = secrets.token_hex(8)
                 try:
-                    return await prefill(torch.cat([ids, torch.tensor([tokens])], dim=1))
+                    return await prefill(ids + tokens)
                 except PipelineError as exc:
                     if not exc.recovered:
                         raise
@@ -290,7 +286,8 @@ class Pipeline:
         try:
             logits = await forward(lambda: prefill(ids))
             for i in range(max_new_tokens):
-                token = sample(logits, temperature, top_p, gen)
+                token = logits if isinstance(logits, int) else \
+                    sample(logits, temperature, top_p, gen)
                 tokens.append(token)
                 yield token
                 if token in stop or i + 1 == max_new_tokens:

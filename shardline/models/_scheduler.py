@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -35,7 +36,7 @@ import torch
 
 from .. import Actor, ActorRef, ShardlineError
 from . import _tree
-from ._decode import DecodeBatcher, DecodeRow
+from ._batching import DecodeBatcher, PrefillQueue, Row
 from ._errors import PipelineError, PlanError
 from ._fleet import Fleet
 from ._plan import DevicePlan, Plan
@@ -118,8 +119,15 @@ class Scheduler(Actor):
     # Concurrent inference calls overlap in the pipeline, and every running generate
     # request waits here for its next decode step.
     max_concurrency = 512
-    decode_rows = 64      # the most requests one decode step runs
+    decode_rows = 64      # the most requests one decode step (or prefill call) runs
     join_wait_s = 0.002   # how long a decode step waits for the last one's rows
+    prefill_chunk = 128   # the most tokens of one prompt a prefill call takes
+    prefill_tokens = 1024  # the most tokens (rows x the longest) of a prefill call
+    # Decode steps in flight at once, each with its share of the requests. More than
+    # one keeps several devices busy at once, but each step reads every weight again:
+    # a gain only where a step's cost grows with its rows (large batches), a loss where
+    # reading the weights dominates (small decode batches, the usual case).
+    decode_groups = 1
 
     def __init__(self, fleet: Fleet, trace: bool = False, snapshot_every: int = 0,
                  probe_timeout: float = 2.0, max_recoveries: int = 8) -> None:
@@ -143,11 +151,14 @@ class Scheduler(Actor):
         self._next_replica = 0
         self._down: set[int] = set()               # replicas with a lost node, no spare
         self._pins: dict[str, _Pin] = {}           # where each cached request's state is
-        self._batcher = DecodeBatcher(self._start_decoding, self.decode_rows,
-                                      self.join_wait_s)
-        self.decoded = {"steps": 0, "rows": 0, "max_rows": 0}
-        self._loop_id = ""
-        self._looping = False
+        self._prefills = PrefillQueue(functools.partial(self._start_loop, "prefill"),
+                                      self.decode_rows, self.prefill_chunk,
+                                      self.prefill_tokens)
+        self._decodes = DecodeBatcher(functools.partial(self._start_loop, "decode"),
+                                      self.decode_rows, self.join_wait_s)
+        self._loops: dict[str, str] = {}  # the id each queue's loop must be started with
+        self.batched = {q: {"calls": 0, "rows": 0, "max_rows": 0}
+                        for q in ("prefill", "decode")}
         self._programs = [_program(acts) for acts in self.plan.schedule.actions]
 
     @property
@@ -175,7 +186,8 @@ class Scheduler(Actor):
         return {"steps": self.committed, "stable_snapshot": self._stable,
                 "recoveries": list(self.recoveries),
                 "nonfinite_losses": self.nonfinite_losses,
-                "decode": dict(self.decoded)}
+                "prefill": dict(self.batched["prefill"]),
+                "decode": dict(self.batched["decode"])}
 
     async def resnapshot(self) -> None:
         """The state was replaced (a checkpoint loaded): it becomes the stable snapshot,
@@ -494,47 +506,74 @@ class Scheduler(Actor):
                 self._unpin(cache)
                 raise failure
 
-    async def decode(self, cache: str, token: int) -> torch.Tensor:
+    async def prefill(self, cache: str, tokens: list[int],
+                      greedy: bool = False) -> torch.Tensor | int:
+        """Request ``cache``'s ``tokens`` (a new prompt; a new id starts a request)
+        through the pipeline, in calls shared with the other prompts waiting (at most
+        ``prefill_chunk`` tokens of each per call, ``prefill_tokens`` in all): the
+        logits that follow its last token (``[vocab]``), or with ``greedy`` their
+        argmax. Errors as ``infer``'s for a call with ``cache``."""
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        self._check_pin(cache)
+        result: torch.Tensor | int = await self._prefills.submit(
+            cache, [int(t) for t in tokens], bool(greedy))
+        return result
+
+    async def decode(self, cache: str, token: int,
+                     greedy: bool = False) -> torch.Tensor | int:
         """The logits (``[vocab]``) that follow ``token`` in request ``cache`` (whose
-        earlier tokens went through ``infer(x, cache)``): one row of the next decode
-        step, which runs every request waiting for one as a single batch. Errors as
-        ``infer``'s for a call with ``cache``."""
+        earlier tokens went through ``prefill``), or with ``greedy`` their argmax: one
+        row of the next decode step, which runs every request waiting for one as a
+        single batch. Errors as ``infer``'s for a call with ``cache``."""
         if self._check_pin(cache) is None:
             raise LookupError(f"request {cache} has no cached state: its prompt goes "
-                              "through infer(x, cache) first")
-        logits: torch.Tensor = await self._batcher.submit(cache, int(token))
-        return logits
+                              "through prefill first")
+        result: torch.Tensor | int = await self._decodes.submit(cache, [int(token)],
+                                                                bool(greedy))
+        return result
 
-    async def decode_loop(self, loop_id: str) -> None:
-        """Runs decode steps while requests wait for them. Not for callers: the
-        scheduler starts it on its own mailbox when a request arrives and none runs
-        (so it belongs to this actor and ends with it); any other call returns."""
-        if loop_id != self._loop_id or self._looping:
+    async def batch_loop(self, queue: str, loop_id: str) -> None:
+        """Runs the batched calls of ``queue`` ("prefill" or "decode") while requests
+        wait for them. Not for callers: the scheduler starts it on its own mailbox
+        when a request arrives and none runs (so it belongs to this actor and ends
+        with it); any other call returns at once."""
+        if not loop_id or self._loops.get(queue) != loop_id:
             return
-        self._looping = True
-        batcher = self._batcher
+        self._loops[queue] = ""  # this one runs: the id cannot start a second
+        rows_of: PrefillQueue | DecodeBatcher = \
+            self._prefills if queue == "prefill" else self._decodes
+        self._decodes.groups = self.decode_groups
+
+        async def call(rows: list[Row]) -> None:
+            try:
+                await self._batched_call(rows, rows_of is self._prefills)
+            finally:
+                rows_of.finished(rows)
+
         try:
-            while True:
-                rows = await batcher.next_rows()
-                if not rows:
-                    return
-                await self._decode_step(rows)
-                batcher.finished(rows)
+            async with anyio.create_task_group() as tg:
+                while True:
+                    rows = await rows_of.next_rows()
+                    if not rows:
+                        return
+                    if rows_of is self._prefills:
+                        await call(rows)  # one at a time, between decode steps
+                    else:
+                        tg.start_soon(call, rows)
         except BaseException as exc:
-            batcher.fail_all(exc if isinstance(exc, Exception)
+            rows_of.fail_all(exc if isinstance(exc, Exception)
                              else PipelineError("the pipeline stopped", 0))
             raise
-        finally:
-            self._looping = False
 
-    async def _start_decoding(self) -> None:
-        self._loop_id = secrets.token_hex(8)
-        await self.ref.tell("decode_loop", self._loop_id)
+    async def _start_loop(self, queue: str) -> None:
+        self._loops[queue] = loop_id = secrets.token_hex(8)
+        await self.ref.tell("batch_loop", queue, loop_id)
 
-    async def _decode_step(self, rows: list[DecodeRow]) -> None:
-        """One decode step: the rows of each replica as one batch ``[rows, 1]`` through
-        that replica's stages; each row gets its logits or its own error."""
-        groups: dict[int, list[DecodeRow]] = {}
+    async def _batched_call(self, rows: list[Row], prefill: bool) -> None:
+        """One prefill call or decode step: the rows of each replica as one batch through
+        that replica's stages; each row gets its result or its own error."""
+        groups: dict[int, list[Row]] = {}
         for row in rows:
             if row.done.done():
                 continue  # its caller left meanwhile
@@ -543,33 +582,43 @@ class Scheduler(Actor):
             except PipelineError as exc:
                 row.done.set_exception(exc)
                 continue
-            if pin is None:  # released while it waited
+            if pin is not None:
+                groups.setdefault(pin.replica, []).append(row)
+            elif prefill:  # a new request: its replica from now on
+                groups.setdefault(self._replica_for(row.cache), []).append(row)
+            else:
                 row.done.set_exception(LookupError(f"request {row.cache} was released"))
-                continue
-            groups.setdefault(pin.replica, []).append(row)
         async with anyio.create_task_group() as tg:
             for replica, group in groups.items():
-                tg.start_soon(self._decode_group, replica, group)
+                tg.start_soon(self._batched_group, replica, group, prefill)
 
-    async def _decode_group(self, replica: int, rows: list[DecodeRow]) -> None:
-        x = torch.tensor([[row.token] for row in rows], dtype=torch.int64)
-        caches = [row.cache for row in rows]
+    async def _batched_group(self, replica: int, rows: list[Row], prefill: bool) -> None:
+        width = max(row.take for row in rows)
+        x = torch.zeros(len(rows), width, dtype=torch.int64)
+        for i, row in enumerate(rows):
+            x[i, :row.take] = torch.tensor(row.chunk, dtype=torch.int64)
+        lengths = [row.take for row in rows] if prefill else None
         async with self._gate.hold(exclusive=False):
             try:
-                logits, errors = await self._infer(x, caches, replica)
+                out, errors = await self._infer(x, [row.cache for row in rows], replica,
+                                                [row.greedy for row in rows], lengths)
             except PipelineError as exc:
                 failure = exc
             else:
-                self.decoded["steps"] += 1
-                self.decoded["rows"] += len(rows)
-                self.decoded["max_rows"] = max(self.decoded["max_rows"], len(rows))
+                counts = self.batched["prefill" if prefill else "decode"]
+                counts["calls"] += 1
+                counts["rows"] += len(rows)
+                counts["max_rows"] = max(counts["max_rows"], len(rows))
+                tokens = out["tokens"].tolist()
+                logits = iter(out["logits"])
                 for i, row in enumerate(rows):
+                    result = tokens[i] if row.greedy else next(logits)
                     if row.done.done():
                         continue
                     if i in errors:
                         row.done.set_exception(errors[i])
-                    else:
-                        row.done.set_result(logits[i, -1])
+                    elif row.offset + row.take == len(row.tokens):  # else: more to come
+                        row.done.set_result(result)
                 return
         try:
             await self._mend(failure, 1)
@@ -643,10 +692,11 @@ class Scheduler(Actor):
                 del self._pins[next(iter(self._pins))]
         return replica
 
-    async def _infer(self, x: Any, cache: str | list[str] | None,
-                     r: int) -> tuple[Any, dict[int, PipelineError]]:
-        """One forward pass on replica ``r``: the output, and for a decode step (a list
-        of cache ids, one per row) the rows that failed alone."""
+    async def _infer(self, x: Any, cache: str | list[str] | None, r: int,
+                     greedy: list[bool] | None = None, lengths: list[int] | None = None
+                     ) -> tuple[Any, dict[int, PipelineError]]:
+        """One forward pass on replica ``r``: the output, and for a batched call (a list
+        of cache ids, one per row: ``StageActor.run``) the rows that failed alone."""
         schedule = self.plan.schedule
         first = _tree.leaves(x)
         m = max(1, min(schedule.n_microbatches, first[0].shape[0] if first else 1))
@@ -667,7 +717,7 @@ class Scheduler(Actor):
             try:
                 results[d] = await ref.run(
                     step, programs[d], dict(enumerate(xs)) if d == first_device else None,
-                    None, False, m, self.tracing, cache)
+                    None, False, m, self.tracing, cache, greedy, lengths)
             except Exception as exc:
                 if not failure:
                     failure.append(((r, d), exc))
@@ -679,8 +729,9 @@ class Scheduler(Actor):
         if failure:
             raise self._error(failure[0], "")
         if self.tracing:
-            record = {"step": step, "what": "infer" if not isinstance(cache, list)
-                      else "decode", "start": started, "end": time.time(),
+            what = "infer" if not isinstance(cache, list) else \
+                "prefill" if lengths is not None else "decode"
+            record = {"step": step, "what": what, "start": started, "end": time.time(),
                       "devices": [r.pop("spans", []) for r in results]}
             self._records.append(record)
         errors: dict[int, PipelineError] = {}
@@ -691,12 +742,15 @@ class Scheduler(Actor):
                         f"stage {d}{f' of replica {r}' if self.plan.replicas > 1 else ''}"
                         f" failed for this request: {message}", d, r)
         outputs = results[last_device]["outputs"]
+        if m == 1:  # torch.cat copies even one tensor, slowly for [rows, 1, vocab] logits
+            return outputs[0], errors
         return _tree.cat([outputs[i] for i in range(m)]), errors
 
     async def release(self, cache: str) -> None:
         """Request ``cache`` ended: it leaves the decode batch, and every stage frees
         its state."""
-        self._batcher.leave(cache)
+        self._prefills.leave(cache)
+        self._decodes.leave(cache)
         pin = self._pins.pop(cache, None)
         if pin is None:
             return

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -197,7 +198,9 @@ class StageActor(Actor):
                   inputs: dict[int, Any] | None = None,
                   targets: dict[int, Any] | None = None, train: bool = True,
                   n_microbatches: int = 1, trace: bool = False,
-                  cache: str | list[str] | None = None) -> dict[str, Any]:
+                  cache: str | list[str] | None = None,
+                  greedy: list[bool] | None = None,
+                  lengths: list[int] | None = None) -> dict[str, Any]:
         """Execute this device's program for one step: ``actions`` are
         ``[stage, kind, microbatch]`` in order, kind ``F`` (forward), ``B`` (full
         backward), ``I`` (input gradient only) or ``W`` (weight gradient, after ``I``).
@@ -208,10 +211,15 @@ class StageActor(Actor):
         ``trace``, also ``{"spans": [[stage, kind, mb, start, end], ...]}``. With
         ``cache`` (inference), layers that have ``forward_cached`` keep their state
         (e.g. keys and values) under that id for the next call, until ``release``.
-        With a list of ids (a decode step of many requests, one row of the batch each),
-        row ``i`` continues the state of ``cache[i]``, which must exist; a row that
-        fails (its state is gone, its sequence outgrew the model) fails alone: its
-        output is zeros and ``{"row_errors": {row: message}}`` says why.
+        With a list of ids (many requests, one row of the batch each), row ``i``
+        continues the state of ``cache[i]``: a decode step (one new token per row;
+        the state must exist), or with ``lengths`` a prefill call (row ``i`` brings
+        ``lengths[i]`` tokens, right-padded to the longest; a new id starts a state).
+        A row that fails (its state is gone, its sequence outgrew the model) fails
+        alone: its output is zeros and ``{"row_errors": {row: message}}`` says why.
+        ``greedy`` (rows of a causal LM): the last stage's output is then
+        ``{"tokens": argmax of every row's last logits, "logits": the last logits of
+        the rows not greedy}``, so the logits of greedy rows never travel.
         """
         device = self.link
         loop = asyncio.get_running_loop()
@@ -220,6 +228,8 @@ class StageActor(Actor):
         if trace:
             program.spans = []
         program.cache = cache
+        program.greedy = greedy
+        program.lengths = lengths
         device.submit(functools.partial(self._drive, program))
         try:
             await program.done
@@ -342,7 +352,7 @@ class StageActor(Actor):
             loss: torch.Tensor | None = None
             cache = program.cache if not program.train else None
             if isinstance(cache, list):
-                y = self._forward_rows(s, value, cache, program.row_errors)
+                y = self._forward_rows(s, value, cache, program.row_errors, program.lengths)
             elif cache is not None:
                 y = self._forward_cached(s, value, cache)
             else:
@@ -357,6 +367,8 @@ class StageActor(Actor):
                     program.losses[mb] = float(loss.detach()) * program.n_microbatches * \
                         self.replicas
                     program.saved[(s, mb)] = (x_leaves, loss)
+                elif program.greedy is not None:
+                    program.outputs[mb] = _pick(y, program.greedy)
                 else:
                     program.outputs[mb] = y
             else:
@@ -432,12 +444,14 @@ class StageActor(Actor):
         return x
 
     def _forward_rows(self, stage: int, x: Any, cache_ids: list[str],
-                      errors: dict[int, str]) -> Any:
-        """A decode step of many requests: row ``i`` of ``x`` continues request
-        ``cache_ids[i]``. Layers with ``forward_cached_batch`` run the whole batch at
-        once, others row by row. A row whose state is missing here, or that makes a
-        layer raise, fails alone (recorded in ``errors``; its output is zeros): one bad
-        request must not fail the others it happens to share a step with."""
+                      errors: dict[int, str], lengths: list[int] | None) -> Any:
+        """Many requests at once: row ``i`` of ``x`` continues request ``cache_ids[i]``;
+        a decode step (``lengths`` ``None``: one token per row, every state must exist)
+        or a prefill call (row ``i`` brings ``lengths[i]`` tokens, the rest pads it; a
+        new request starts here). Layers with ``forward_cached_batch`` run the whole
+        batch at once, others row by row. A row whose state is missing here, or that
+        makes a layer raise, fails alone (recorded in ``errors``; its output is zeros):
+        one bad request must not fail the others it happens to share a call with."""
         now = time.monotonic()
         self._expire_caches()
         layers = list(self.chunks[stage].children())
@@ -448,11 +462,14 @@ class StageActor(Actor):
                 continue  # failed upstream: its state here must not move on
             entry = self._caches.get(cache_id)
             if entry is None:
-                why = self._gone(cache_id) or (f"request {cache_id} has no cached state "
-                                               "here (never prefilled, or the stage was "
-                                               "replaced)")
-                errors[i] = f"stage {stage}: {why}"
-                continue
+                why = self._gone(cache_id)
+                if why is None and lengths is not None:
+                    entry = self._caches[cache_id] = _Cache()
+                else:
+                    errors[i] = f"stage {stage}: " + (why or (
+                        f"request {cache_id} has no cached state here (never prefilled, "
+                        "or the stage was replaced)"))
+                    continue
             entry.used = now
             good.append(i)
             rows.append(entry.layers.setdefault(stage, [{} for _ in layers]))
@@ -461,9 +478,10 @@ class StageActor(Actor):
         with torch.inference_mode():
             x = _tree.map_tensors(x, lambda t: t.to(self.device))
             part = x if len(good) == len(cache_ids) else _rows_of(x, good)
+            part_lengths = None if lengths is None else [lengths[i] for i in good]
             saved = [[dict(state) for state in row] for row in rows]
             try:
-                y = _run_rows(layers, part, rows)
+                y = _run_rows(layers, part, rows, part_lengths)
             except Exception as exc:
                 # Put every row's state back (layers replace state entries, never write
                 # into them), then find the culprit(s) by running the rows one by one.
@@ -471,21 +489,23 @@ class StageActor(Actor):
                     for state, before in zip(row, kept, strict=True):
                         state.clear()
                         state.update(before)
-                log.debug("a batched decode step on stage %d raised (%s); running its %d "
-                          "rows one by one", stage, exc, len(rows))
-                y = self._rows_one_by_one(stage, layers, part, rows, good, errors)
+                log.debug("a batched call on stage %d raised (%s); running its %d rows "
+                          "one by one", stage, exc, len(rows))
+                y = self._rows_one_by_one(stage, layers, part, rows, good, errors,
+                                          part_lengths)
             if len(good) < len(cache_ids):
                 y = _tree.map_tensors(y, lambda t: _scatter_rows(t, good, len(cache_ids)))
         return y
 
     def _rows_one_by_one(self, stage: int, layers: list[nn.Module], x: Any,
                          rows: list[list[dict[str, Any]]], where: list[int],
-                         errors: dict[int, str]) -> Any:
+                         errors: dict[int, str], lengths: list[int] | None) -> Any:
         outs: list[Any] = []
         ok: list[int] = []
         for j, (row, i) in enumerate(zip(rows, where, strict=True)):
             try:
-                outs.append(_run_rows(layers, _rows_of(x, [j]), [row]))
+                outs.append(_run_rows(layers, _rows_of(x, [j]), [row],
+                                      None if lengths is None else [lengths[j]]))
                 ok.append(j)
             except Exception as exc:
                 errors[i] = f"stage {stage}: {type(exc).__name__}: {exc}"
@@ -741,6 +761,8 @@ class _Program:
         self.spans: list[list[Any]] | None = None  # [stage, kind, mb, start, end]
         self.cache: str | list[str] | None = None
         self.row_errors: dict[int, str] = {}  # decode step: rows that failed, and why
+        self.greedy: list[bool] | None = None  # rows whose argmax is enough
+        self.lengths: list[int] | None = None  # prefill call: real tokens of each row
         self.done = done
         # per stage, the index of the action whose backward leaves its weight
         # gradients final (the last B or W): their all-reduce may start there
@@ -751,24 +773,76 @@ class _Program:
         _settle(self.done.get_loop(), self.done, None, error)
 
 
-def _run_rows(layers: list[nn.Module], x: Any, rows: list[list[dict[str, Any]]]) -> Any:
+def _run_rows(layers: list[nn.Module], x: Any, rows: list[list[dict[str, Any]]],
+              lengths: list[int] | None) -> Any:
     """``x`` (one row per request) through ``layers``; ``rows[i][j]`` is request ``i``'s
-    state in layer ``j``."""
+    state in layer ``j``, ``lengths[i]`` how many of row ``i``'s positions are real
+    (``None``: all)."""
     for j, layer in enumerate(layers):
         states = [row[j] for row in rows]
+        if lengths is not None and len(set(lengths)) == 1 and \
+                _tree.leaves(x)[0].shape[1] == lengths[0]:
+            lengths = None  # nothing pads this batch
         batched = getattr(layer, "forward_cached_batch", None)
-        if batched is not None:
-            x = batched(x, states)
+        if batched is not None and (lengths is None or _takes_lengths(layer)):
+            x = batched(x, states) if lengths is None else batched(x, states, lengths)
             continue
         cached = getattr(layer, "forward_cached", None)
         if cached is None:
             x = layer(x)  # keeps no state: the batch is just a batch
-        elif len(states) == 1:
+        elif len(states) == 1 and lengths is None:
             x = cached(x, states[0])
-        else:  # correct, only slower: one call per row
-            x = _tree.cat([cached(_rows_of(x, [i]), state)
-                           for i, state in enumerate(states)])
+        else:  # correct, only slower: one call per row, on its real positions only
+            outs = []
+            for i, state in enumerate(states):
+                row = _rows_of(x, [i])
+                if lengths is not None:
+                    row = _tree.map_tensors(row, functools.partial(_first, lengths[i]))
+                outs.append(cached(row, state))
+            x = _tree.cat(_padded(outs)) if lengths is not None else _tree.cat(outs)
     return x
+
+
+def _first(n: int, t: torch.Tensor) -> torch.Tensor:
+    return t[:, :n]
+
+
+_TAKES_LENGTHS: dict[type, bool] = {}
+
+
+def _takes_lengths(layer: nn.Module) -> bool:
+    """Whether the layer's ``forward_cached_batch`` takes ``lengths`` (rows of a prefill
+    call with different numbers of real tokens)."""
+    kind = type(layer)
+    known = _TAKES_LENGTHS.get(kind)
+    if known is None:
+        params = inspect.signature(kind.forward_cached_batch).parameters  # type: ignore[attr-defined]
+        known = _TAKES_LENGTHS[kind] = "lengths" in params
+    return known
+
+
+def _padded(outs: list[Any]) -> list[Any]:
+    """Row outputs of different lengths (dim 1), zero-padded to the longest (the
+    padding is never read: only each row's real positions are)."""
+    longest = max(_tree.leaves(o)[0].shape[1] for o in outs)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() < 2 or t.shape[1] == longest:
+            return t
+        return torch.cat([t, t.new_zeros((t.shape[0], longest - t.shape[1], *t.shape[2:]))],
+                         dim=1)
+
+    return [_tree.map_tensors(o, pad) for o in outs]
+
+
+def _pick(logits: torch.Tensor, greedy: list[bool]) -> dict[str, torch.Tensor]:
+    """The result of a call of many requests: every row's greedy token, and the logits
+    of the rows that sample (a vocabulary-wide row each: not worth sending for the
+    others)."""
+    last = logits[:, -1]
+    sampled = [i for i, g in enumerate(greedy) if not g]
+    return {"tokens": last.argmax(-1),
+            "logits": last[torch.tensor(sampled, dtype=torch.int64, device=last.device)]}
 
 
 def _rows_of(x: Any, rows: list[int]) -> Any:

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._kvbatch import append_rows, past_lengths, row_mask, row_positions
+from ._kvbatch import (
+    append_rows,
+    last_positions,
+    new_lengths,
+    past_lengths,
+    row_mask,
+    row_positions,
+)
 
 __all__ = ["DEFAULT", "Block", "Embed", "Head", "batches", "corpus", "generate", "layers",
            "loss", "model", "n_layers", "spec"]
@@ -52,18 +59,22 @@ class Embed(nn.Module):
         out: torch.Tensor = self.tokens(idx) + self.positions(pos)
         return out
 
-    def forward_cached_batch(self, idx: torch.Tensor,
-                             states: list[dict[str, Any]]) -> torch.Tensor:
+    def forward_cached_batch(self, idx: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
         """``forward_cached`` for many requests at once: row ``i`` of ``idx`` continues
-        the sequence of ``states[i]``."""
+        the sequence of ``states[i]`` with its first ``lengths[i]`` tokens (the rest
+        pads the batch; ``None``: all are real)."""
         starts = [int(s.get("pos", 0)) for s in states]
         t = idx.shape[1]
-        if max(starts) + t > self.positions.num_embeddings:  # before any state changes
-            raise ValueError(f"sequence of {max(starts) + t} tokens exceeds the model's "
-                             f"context of {self.positions.num_embeddings}")
-        for state, start in zip(states, starts, strict=True):
-            state["pos"] = start + t
-        pos = row_positions(starts, t, idx.device)
+        new = new_lengths(lengths, len(states), t)
+        context = self.positions.num_embeddings
+        end = max(a + n for a, n in zip(starts, new, strict=True))
+        if end > context:  # before any state changes
+            raise ValueError(f"sequence of {end} tokens exceeds the model's context of "
+                             f"{context}")
+        for state, start, n in zip(states, starts, new, strict=True):
+            state["pos"] = start + n
+        pos = row_positions(starts, t, idx.device).clamp(max=context - 1)  # padding
         out: torch.Tensor = self.tokens(idx) + self.positions(pos)
         return out
 
@@ -107,17 +118,18 @@ class Block(nn.Module):
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return self._finish(x, att)
 
-    def forward_cached_batch(self, x: torch.Tensor,
-                             states: list[dict[str, Any]]) -> torch.Tensor:
+    def forward_cached_batch(self, x: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
         """``forward_cached`` for many requests at once: row ``i`` of ``x`` continues the
-        sequence whose keys and values ``states[i]`` holds (rows of any lengths)."""
+        sequence whose keys and values ``states[i]`` holds (rows of any lengths) with
+        its first ``lengths[i]`` positions (``None``: all)."""
         b, t = x.shape[:2]
         q, k, v = self.qkv(self.norm1(x)).split(self.qkv.out_features // 3, dim=2)
         q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
-        lengths = past_lengths(states)
-        keys, values = append_rows(states, k, v)
+        past = past_lengths(states)
+        keys, values = append_rows(states, k, v, lengths)
         att = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=row_mask(lengths, t, None, x.device))
+            q, keys, values, attn_mask=row_mask(past, t, None, x.device))
         return self._finish(x, att)
 
     def _finish(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
@@ -138,11 +150,13 @@ class Head(nn.Module):
         return logits
 
     def forward_cached(self, x: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
-        return self.forward(x)
+        """Generation: the logits of the last position only (``[batch, 1, vocab]``)."""
+        return self.forward(x[:, -1:])
 
-    def forward_cached_batch(self, x: torch.Tensor,
-                             states: list[dict[str, Any]]) -> torch.Tensor:
-        return self.forward(x)
+    def forward_cached_batch(self, x: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
+        """Each row's logits at its last real position: ``[rows, 1, vocab]``."""
+        return self.forward(last_positions(x, lengths))
 
 
 def n_layers(config: dict[str, Any] | None = None) -> int:

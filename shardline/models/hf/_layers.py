@@ -10,9 +10,11 @@ tensors crosses processes.
 ``forward_cached(x, state)`` is the per-request form ``Pipeline.generate`` uses: the
 embeddings keep ``state["pos"]`` (tokens seen), each decoder layer ``state["k"]`` and
 ``state["v"]`` (``[batch, kv_heads, seen, head_dim]``, after rotary), the head keeps
-nothing. ``forward_cached_batch(x, states)`` runs many requests at once (continuous
-batching): row ``i`` of ``x`` continues ``states[i]``, rows of any lengths (right-padded
-and masked, ``_kvbatch``); each row gets its own positions, rotary embeddings and mask.
+nothing and computes the last position's logits only. ``forward_cached_batch(x,
+states, lengths)`` runs many requests at once (continuous batching): row ``i`` of ``x``
+continues ``states[i]`` with its first ``lengths[i]`` tokens (all when ``None``), rows of
+any lengths (right-padded and masked, ``_kvbatch``); each row gets its own positions,
+rotary embeddings and mask.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._kvbatch import append_rows, past_lengths, row_mask, row_positions
+from .._kvbatch import (
+    append_rows,
+    last_positions,
+    new_lengths,
+    past_lengths,
+    row_mask,
+    row_positions,
+)
 
 __all__ = ["Decoder", "Embeddings", "Head", "causal_mask"]
 
@@ -44,16 +53,18 @@ class Embeddings(nn.Module):
         state["pos"] = start + ids.shape[1]
         return out
 
-    def forward_cached_batch(self, ids: torch.Tensor,
-                             states: list[dict[str, Any]]) -> torch.Tensor:
+    def forward_cached_batch(self, ids: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
         starts = [int(s.get("pos", 0)) for s in states]
         t = ids.shape[1]
-        self._check(ids, max(starts) + t)  # before any state changes
-        for state, start in zip(states, starts, strict=True):
-            state["pos"] = start + t
+        new = new_lengths(lengths, len(states), t)
+        self._check(ids, max(a + n for a, n in zip(starts, new, strict=True)))
+        for state, start, n in zip(states, starts, new, strict=True):  # checked first
+            state["pos"] = start + n
         h: torch.Tensor = self.tokens(ids)
         if self.positions is not None:
-            h = h + self.positions(row_positions(starts, t, ids.device))
+            pos = row_positions(starts, t, ids.device)
+            h = h + self.positions(pos.clamp(max=self.positions.num_embeddings - 1))
         return h
 
     def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -90,12 +101,12 @@ class Decoder(nn.Module):
     def forward_cached(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         return self._run(h, state)
 
-    def forward_cached_batch(self, h: torch.Tensor,
-                             states: list[dict[str, Any]]) -> torch.Tensor:
-        lengths = past_lengths(states)
+    def forward_cached_batch(self, h: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
+        past = past_lengths(states)
         t = h.shape[1]
-        return self._call(h, row_mask(lengths, t, self.window, h.device),
-                          _RowsCache(states), row_positions(lengths, t, h.device))
+        return self._call(h, row_mask(past, t, self.window, h.device),
+                          _RowsCache(states, lengths), row_positions(past, t, h.device))
 
     def _run(self, h: torch.Tensor, state: dict[str, Any] | None) -> torch.Tensor:
         past_k = state.get("k") if state is not None else None
@@ -131,11 +142,14 @@ class Head(nn.Module):
         return logits
 
     def forward_cached(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        return self.forward(h)
+        """Generation: the logits of the last position only (``[batch, 1, vocab]``),
+        all it needs, as ``transformers``' ``logits_to_keep=1``; a long prompt's other
+        positions would cost a head matmul and a ``vocab``-wide row each."""
+        return self.forward(h[:, -1:])
 
-    def forward_cached_batch(self, h: torch.Tensor,
-                             states: list[dict[str, Any]]) -> torch.Tensor:
-        return self.forward(h)
+    def forward_cached_batch(self, h: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
+        return self.forward(last_positions(h, lengths))
 
 
 def causal_mask(past: int, t: int, window: int | None,
@@ -176,9 +190,10 @@ class _RowsCache:
     """``_LayerCache`` for a batch of requests: row ``i`` appends to ``states[i]``; the
     layer attends over the right-padded batch (``row_mask`` hides the padding)."""
 
-    def __init__(self, states: list[dict[str, Any]]) -> None:
+    def __init__(self, states: list[dict[str, Any]], lengths: list[int] | None) -> None:
         self.states = states
+        self.lengths = lengths
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return append_rows(self.states, keys, values)
+        return append_rows(self.states, keys, values, self.lengths)
