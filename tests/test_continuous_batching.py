@@ -291,12 +291,13 @@ async def _counts(pipe: Pipeline, expected: list[int]) -> bool:
 
 @pytest.mark.timeout(120)
 async def test_one_failing_request_fails_alone() -> None:
-    """A request that outgrows the model's context fails; the requests that share its
-    decode steps go on with their own tokens."""
+    """A request that outgrows the model's context fails (one in its decode steps, one
+    already in the prefill call it shares); the requests that share their calls go on
+    with their own tokens."""
     async with sl.Node() as node:
         pipe = await Pipeline.start(node, gpt.spec(GPT), stages=2)
         try:
-            prompts = [[1, 2, 3], list(range(3, 3 + 56)), [9, 8]]
+            prompts = [[1, 2, 3], list(range(3, 3 + 56)), [9, 8], list(range(1, 71))]
             expected = []
             for p in (prompts[0], prompts[2]):
                 expected.append([t async for t in pipe.generate(p, 20, eos_token_id=[])])
@@ -310,13 +311,16 @@ async def test_one_failing_request_fails_alone() -> None:
                     results[i] = exc
 
             async with anyio.create_task_group() as tg:
-                for i in range(3):
+                for i in range(4):
                     tg.start_soon(one, i)
             assert [results[0], results[2]] == expected
-            assert isinstance(results[1], PipelineError)
-            assert "exceeds the model's context of 64" in str(results[1])
-            assert results[1].stage == 0
-            assert (await pipe.stats())["decode"]["max_rows"] == 3
+            for failed, tokens in ((results[1], 65), (results[3], 70)):
+                assert isinstance(failed, PipelineError)
+                assert f"sequence of {tokens} tokens exceeds the model's context of 64" \
+                    in str(failed)
+                assert failed.stage == 0
+            stats = await pipe.stats()
+            assert stats["decode"]["max_rows"] == 3 and stats["prefill"]["max_rows"] == 4
             await until(lambda: _all_free(pipe))
         finally:
             await pipe.stop()
@@ -412,6 +416,32 @@ async def test_prompts_arriving_together_share_prefill_calls(
             assert after["max_rows"] > 1
         finally:
             await pipe.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_replicas_batch_their_own_requests() -> None:
+    """With two replicas, each request stays on the replica that holds its state; a
+    step runs the rows of each replica as one batch there."""
+    async with sl.Node() as node:
+        reference = await Pipeline.start(node, gpt.spec(GPT), stages=2)
+        pipe = await Pipeline.start(node, gpt.spec(GPT), replicas=2,
+                                    placement=[["cpu", "cpu"], ["cpu", "cpu"]])
+        try:
+            reqs = requests(GPT["vocab"])
+            expected = await alone(reference, reqs)
+            assert await together(pipe, reqs) == expected
+            decode = (await pipe.stats())["decode"]
+            batched(decode, 4)
+            assert decode["max_rows"] <= 4  # requests alternate: 4 on each replica
+            for r in range(2):
+                await until(lambda r=r: _none_cached(pipe.replica_devices(r)))
+        finally:
+            await pipe.stop()
+            await reference.stop()
+
+
+async def _none_cached(devices: list[Any]) -> bool:
+    return [await d.cached_requests() for d in devices] == [0] * len(devices)
 
 
 GPT_HEAL = {"blocks": 2, "dim": 32, "heads": 4, "seq": 64, "vocab": 64, "seed": 3}

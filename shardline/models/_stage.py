@@ -466,9 +466,8 @@ class StageActor(Actor):
                 if why is None and lengths is not None:
                     entry = self._caches[cache_id] = _Cache()
                 else:
-                    errors[i] = f"stage {stage}: " + (why or (
-                        f"request {cache_id} has no cached state here (never prefilled, "
-                        "or the stage was replaced)"))
+                    errors[i] = why or (f"request {cache_id} has no cached state here "
+                                        "(never prefilled, or the stage was replaced)")
                     continue
             entry.used = now
             good.append(i)
@@ -508,7 +507,7 @@ class StageActor(Actor):
                                       None if lengths is None else [lengths[j]]))
                 ok.append(j)
             except Exception as exc:
-                errors[i] = f"stage {stage}: {type(exc).__name__}: {exc}"
+                errors[i] = f"{type(exc).__name__}: {exc}"
         if not outs:
             raise LookupError("; ".join(errors[i] for i in sorted(errors)))
         y = _tree.cat(outs)

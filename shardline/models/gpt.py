@@ -18,6 +18,8 @@ from torch.nn import functional as F
 
 from ._kvbatch import (
     append_rows,
+    history,
+    keep,
     last_positions,
     new_lengths,
     past_lengths,
@@ -105,17 +107,17 @@ class Block(nn.Module):
         # the attention is narrower than the block once heads are pruned (models.prune)
         q, k, v = self.qkv(self.norm1(x)).split(self.qkv.out_features // 3, dim=2)
         q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
-        past = cache.get("k")
+        past = history(cache)
         if past is not None:
-            k = torch.cat([past, k], dim=2)
-            v = torch.cat([cache["v"], v], dim=2)
-        cache["k"], cache["v"] = k, v
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        keep(cache, k, v)
         if past is None:
             att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # new token i sits at position p + i and sees keys 0 .. p + i
-            p = past.shape[2]
-            keep = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(p)
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+            p = past[0].shape[2]
+            seen = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(p)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
         return self._finish(x, att)
 
     def forward_cached_batch(self, x: torch.Tensor, states: list[dict[str, Any]],

@@ -8,8 +8,8 @@ It then computes its rotary embeddings and mask from those positions, so nothing
 tensors crosses processes.
 
 ``forward_cached(x, state)`` is the per-request form ``Pipeline.generate`` uses: the
-embeddings keep ``state["pos"]`` (tokens seen), each decoder layer ``state["k"]`` and
-``state["v"]`` (``[batch, kv_heads, seen, head_dim]``, after rotary), the head keeps
+embeddings keep ``state["pos"]`` (tokens seen), each decoder layer its keys and values
+(after rotary; ``_kvbatch.history`` reads them), the head keeps
 nothing and computes the last position's logits only. ``forward_cached_batch(x,
 states, lengths)`` runs many requests at once (continuous batching): row ``i`` of ``x``
 continues ``states[i]`` with its first ``lengths[i]`` tokens (all when ``None``), rows of
@@ -26,6 +26,8 @@ from torch import nn
 
 from .._kvbatch import (
     append_rows,
+    history,
+    keep,
     last_positions,
     new_lengths,
     past_lengths,
@@ -109,8 +111,7 @@ class Decoder(nn.Module):
                           _RowsCache(states, lengths), row_positions(past, t, h.device))
 
     def _run(self, h: torch.Tensor, state: dict[str, Any] | None) -> torch.Tensor:
-        past_k = state.get("k") if state is not None else None
-        past = 0 if past_k is None else int(past_k.shape[2])
+        past = past_lengths([state])[0] if state is not None else 0
         t = h.shape[1]
         return self._call(h, causal_mask(past, t, self.window, h.device),
                           _LayerCache(state) if state is not None else None,
@@ -178,11 +179,11 @@ class _LayerCache:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        past = self.state.get("k")
+        past = history(self.state)
         if past is not None:
-            keys = torch.cat([past, keys], dim=2)
-            values = torch.cat([self.state["v"], values], dim=2)
-        self.state["k"], self.state["v"] = keys, values
+            keys = torch.cat([past[0], keys], dim=2)
+            values = torch.cat([past[1], values], dim=2)
+        keep(self.state, keys, values)
         return keys, values
 
 
