@@ -490,3 +490,83 @@ async def test_decode_needs_a_prefilled_request() -> None:
                 await anext(pipe.generate([1], 3, temperature=-1))
         finally:
             await pipe.stop()
+
+
+# -- the queues alone ------------------------------------------------------------------------
+
+
+async def test_a_decode_step_waits_for_its_rows_only_once() -> None:
+    """After a step, the next waits (briefly) for the rows of the last one; one that is
+    not back in time joins a later step, and is not waited for again."""
+    from shardline.models._batching import DecodeBatcher
+
+    starts: list[int] = []
+
+    async def start() -> None:
+        starts.append(1)
+
+    batcher = DecodeBatcher(start, join_wait_s=0.05)
+    results: dict[str, Any] = {}
+
+    async def ask(cache: str, token: int) -> None:
+        results[cache] = await batcher.submit(cache, [token])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "a", 1)
+        tg.start_soon(ask, "b", 2)
+        while batcher.waiting < 2:
+            await anyio.sleep(0.001)
+        rows = await batcher.next_rows()
+        assert [r.cache for r in rows] == ["a", "b"] and starts == [1]
+        for row in rows:
+            row.done.set_result(row.tokens[0] * 10)
+        batcher.finished(rows)
+    assert results == {"a": 10, "b": 20}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "a", 3)  # b's consumer is slow: it does not come back
+        rows = await batcher.next_rows()
+        assert [r.cache for r in rows] == ["a"]
+        rows[0].done.set_result(30)
+        batcher.finished(rows)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "b", 4)
+        rows = await batcher.next_rows()
+        assert [r.cache for r in rows] == ["b"]  # a is not back: after the window
+        rows[0].done.set_result(40)
+        batcher.finished(rows)
+    batcher.leave("a")
+    batcher.leave("b")
+    assert await batcher.next_rows() == [] and not batcher.running
+
+
+async def test_prefill_calls_take_chunks_within_the_budget() -> None:
+    from shardline.models._batching import PrefillQueue
+
+    async def start() -> None:
+        return None
+
+    queue = PrefillQueue(start, chunk=4, budget=8)
+    prompts = {"long": list(range(10)), "mid": list(range(5)), "short": [7]}
+    done: dict[str, Any] = {}
+
+    async def ask(cache: str) -> None:
+        done[cache] = await queue.submit(cache, prompts[cache])
+
+    calls: list[list[tuple[str, list[int]]]] = []
+    async with anyio.create_task_group() as tg:
+        for cache in prompts:
+            tg.start_soon(ask, cache)
+        while queue.waiting < 3:
+            await anyio.sleep(0.001)
+        while rows := await queue.next_rows():
+            calls.append([(r.cache, r.chunk) for r in rows])
+            for row in rows:
+                if row.offset + row.take == len(row.tokens):
+                    row.done.set_result(len(calls))
+            queue.finished(rows)
+    # at most 4 tokens of a prompt per call, at most 8 padded tokens per call, and a
+    # prompt with tokens left goes first in the next call
+    assert calls == [[("long", [0, 1, 2, 3]), ("mid", [0, 1, 2, 3])],
+                     [("long", [4, 5, 6, 7]), ("mid", [4])],
+                     [("long", [8, 9]), ("short", [7])]]
+    assert done == {"long": 3, "mid": 2, "short": 3}

@@ -68,6 +68,11 @@ class _Queue:
         self._pending: dict[str, Row] = {}  # in arrival order
         self._changed = anyio.Event()
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a call."""
+        return len(self._pending)
+
     async def submit(self, cache: str, tokens: list[int], greedy: bool = False) -> Any:
         """Wait for the call(s) that run ``tokens`` as request ``cache``'s next rows;
         returns what the loop hands this row (or raises its error)."""

@@ -548,6 +548,12 @@ class Scheduler(Actor):
         async def call(rows: list[Row]) -> None:
             try:
                 await self._batched_call(rows, rows_of is self._prefills)
+            except Exception as exc:  # a bug: this call's requests fail, the others go on
+                log.exception("a batched %s call failed", queue)
+                _fail(rows, exc)
+            except BaseException:
+                _fail(rows, PipelineError("the pipeline stopped", 0))
+                raise
             finally:
                 rows_of.finished(rows)
 
@@ -758,6 +764,12 @@ class Scheduler(Actor):
         for ref in pin.refs:
             with contextlib.suppress(ShardlineError):  # a lost node: nothing left to free
                 await ref.tell("release", cache)
+
+
+def _fail(rows: list[Row], error: BaseException) -> None:
+    for row in rows:
+        if not row.done.done():
+            row.done.set_exception(error)
 
 
 class _Pin:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
-import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -37,12 +35,11 @@ from ._autograd import (
     check_finite,
 )
 from ._device import Device, Key
+from ._rows import pick_tokens, run_rows
 from ._snapshot import State, Versions
 from ._spec import LayerSpec, import_path
 
 __all__ = ["StageActor"]
-
-log = logging.getLogger("shardline.models")
 
 T = TypeVar("T")
 
@@ -368,7 +365,7 @@ class StageActor(Actor):
                         self.replicas
                     program.saved[(s, mb)] = (x_leaves, loss)
                 elif program.greedy is not None:
-                    program.outputs[mb] = _pick(y, program.greedy)
+                    program.outputs[mb] = pick_tokens(y, program.greedy)
                 else:
                     program.outputs[mb] = y
             else:
@@ -449,9 +446,10 @@ class StageActor(Actor):
         a decode step (``lengths`` ``None``: one token per row, every state must exist)
         or a prefill call (row ``i`` brings ``lengths[i]`` tokens, the rest pads it; a
         new request starts here). Layers with ``forward_cached_batch`` run the whole
-        batch at once, others row by row. A row whose state is missing here, or that
-        makes a layer raise, fails alone (recorded in ``errors``; its output is zeros):
-        one bad request must not fail the others it happens to share a call with."""
+        batch at once, others row by row (``run_rows``). A row whose state is missing
+        here, or that makes a layer raise, fails alone (recorded in ``errors``; its
+        output is zeros): one bad request must not fail the others it happens to share
+        a call with."""
         now = time.monotonic()
         self._expire_caches()
         layers = list(self.chunks[stage].children())
@@ -476,44 +474,7 @@ class StageActor(Actor):
             raise LookupError("; ".join(errors[i] for i in sorted(errors)))
         with torch.inference_mode():
             x = _tree.map_tensors(x, lambda t: t.to(self.device))
-            part = x if len(good) == len(cache_ids) else _rows_of(x, good)
-            part_lengths = None if lengths is None else [lengths[i] for i in good]
-            saved = [[dict(state) for state in row] for row in rows]
-            try:
-                y = _run_rows(layers, part, rows, part_lengths)
-            except Exception as exc:
-                # Put every row's state back (layers replace state entries, never write
-                # into them), then find the culprit(s) by running the rows one by one.
-                for row, kept in zip(rows, saved, strict=True):
-                    for state, before in zip(row, kept, strict=True):
-                        state.clear()
-                        state.update(before)
-                log.debug("a batched call on stage %d raised (%s); running its %d rows "
-                          "one by one", stage, exc, len(rows))
-                y = self._rows_one_by_one(stage, layers, part, rows, good, errors,
-                                          part_lengths)
-            if len(good) < len(cache_ids):
-                y = _tree.map_tensors(y, lambda t: _scatter_rows(t, good, len(cache_ids)))
-        return y
-
-    def _rows_one_by_one(self, stage: int, layers: list[nn.Module], x: Any,
-                         rows: list[list[dict[str, Any]]], where: list[int],
-                         errors: dict[int, str], lengths: list[int] | None) -> Any:
-        outs: list[Any] = []
-        ok: list[int] = []
-        for j, (row, i) in enumerate(zip(rows, where, strict=True)):
-            try:
-                outs.append(_run_rows(layers, _rows_of(x, [j]), [row],
-                                      None if lengths is None else [lengths[j]]))
-                ok.append(j)
-            except Exception as exc:
-                errors[i] = f"{type(exc).__name__}: {exc}"
-        if not outs:
-            raise LookupError("; ".join(errors[i] for i in sorted(errors)))
-        y = _tree.cat(outs)
-        if len(ok) < len(rows):
-            y = _tree.map_tensors(y, lambda t: _scatter_rows(t, ok, len(rows)))
-        return y
+            return run_rows(layers, x, rows, good, errors, lengths)
 
     def _gone(self, cache_id: str) -> str | None:
         """Why a request whose state this stage dropped cannot go on, or ``None``.
@@ -770,92 +731,6 @@ class _Program:
     def resolve(self, error: Exception | None) -> None:
         """From the device thread: the program finished (or failed with ``error``)."""
         _settle(self.done.get_loop(), self.done, None, error)
-
-
-def _run_rows(layers: list[nn.Module], x: Any, rows: list[list[dict[str, Any]]],
-              lengths: list[int] | None) -> Any:
-    """``x`` (one row per request) through ``layers``; ``rows[i][j]`` is request ``i``'s
-    state in layer ``j``, ``lengths[i]`` how many of row ``i``'s positions are real
-    (``None``: all)."""
-    for j, layer in enumerate(layers):
-        states = [row[j] for row in rows]
-        if lengths is not None and len(set(lengths)) == 1 and \
-                _tree.leaves(x)[0].shape[1] == lengths[0]:
-            lengths = None  # nothing pads this batch
-        batched = getattr(layer, "forward_cached_batch", None)
-        if batched is not None and (lengths is None or _takes_lengths(layer)):
-            x = batched(x, states) if lengths is None else batched(x, states, lengths)
-            continue
-        cached = getattr(layer, "forward_cached", None)
-        if cached is None:
-            x = layer(x)  # keeps no state: the batch is just a batch
-        elif len(states) == 1 and lengths is None:
-            x = cached(x, states[0])
-        else:  # correct, only slower: one call per row, on its real positions only
-            outs = []
-            for i, state in enumerate(states):
-                row = _rows_of(x, [i])
-                if lengths is not None:
-                    row = _tree.map_tensors(row, functools.partial(_first, lengths[i]))
-                outs.append(cached(row, state))
-            x = _tree.cat(_padded(outs)) if lengths is not None else _tree.cat(outs)
-    return x
-
-
-def _first(n: int, t: torch.Tensor) -> torch.Tensor:
-    return t[:, :n]
-
-
-_TAKES_LENGTHS: dict[type, bool] = {}
-
-
-def _takes_lengths(layer: nn.Module) -> bool:
-    """Whether the layer's ``forward_cached_batch`` takes ``lengths`` (rows of a prefill
-    call with different numbers of real tokens)."""
-    kind = type(layer)
-    known = _TAKES_LENGTHS.get(kind)
-    if known is None:
-        params = inspect.signature(kind.forward_cached_batch).parameters  # type: ignore[attr-defined]
-        known = _TAKES_LENGTHS[kind] = "lengths" in params
-    return known
-
-
-def _padded(outs: list[Any]) -> list[Any]:
-    """Row outputs of different lengths (dim 1), zero-padded to the longest (the
-    padding is never read: only each row's real positions are)."""
-    longest = max(_tree.leaves(o)[0].shape[1] for o in outs)
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() < 2 or t.shape[1] == longest:
-            return t
-        return torch.cat([t, t.new_zeros((t.shape[0], longest - t.shape[1], *t.shape[2:]))],
-                         dim=1)
-
-    return [_tree.map_tensors(o, pad) for o in outs]
-
-
-def _pick(logits: torch.Tensor, greedy: list[bool]) -> dict[str, torch.Tensor]:
-    """The result of a call of many requests: every row's greedy token, and the logits
-    of the rows that sample (a vocabulary-wide row each: not worth sending for the
-    others)."""
-    last = logits[:, -1]
-    sampled = [i for i, g in enumerate(greedy) if not g]
-    return {"tokens": last.argmax(-1),
-            "logits": last[torch.tensor(sampled, dtype=torch.int64, device=last.device)]}
-
-
-def _rows_of(x: Any, rows: list[int]) -> Any:
-    if len(rows) == 1:
-        return _tree.map_tensors(x, lambda t: t[rows[0]:rows[0] + 1])
-    index = torch.tensor(rows)
-    return _tree.map_tensors(x, lambda t: t.index_select(0, index.to(t.device)))
-
-
-def _scatter_rows(t: torch.Tensor, rows: list[int], n: int) -> torch.Tensor:
-    """``t``'s rows at positions ``rows`` of ``n`` rows, zeros elsewhere."""
-    out = t.new_zeros((n, *t.shape[1:]))
-    out[torch.tensor(rows, device=t.device)] = t
-    return out
 
 
 def _detached(y: Any) -> Any:
