@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import _limits
+
 __all__ = ["MODELS", "add_arguments"]
 
 MODELS = ("minilm", "gpt")
@@ -27,4 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting for a batch before answering 429")
     parser.add_argument("--microbatches", type=int, default=None,
                         help="microbatches per pipeline call (default: the stage count)")
+    parser.add_argument("--max-body-bytes", type=int, default=_limits.MAX_BODY_BYTES,
+                        help="larger request bodies get 413 (default: %(default)s)")
+    parser.add_argument("--header-timeout", type=float, default=_limits.HEADER_TIMEOUT,
+                        help="seconds to send a request's head, from the connection's "
+                        "opening or the request's first byte; then the connection is "
+                        "closed (default: %(default)s)")
+    parser.add_argument("--body-timeout", type=float, default=_limits.BODY_TIMEOUT,
+                        help="seconds for a request's body to arrive in full; then 408 "
+                        "(default: %(default)s)")
     parser.add_argument("--log-level", default="warning")

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import socket
 import sys
 from collections.abc import AsyncIterator
+
+import anyio
 
 from .. import LocalCluster, Node, run
 from .._errors import ShardlineError
@@ -37,6 +40,10 @@ def serve_command(args: argparse.Namespace) -> int:
     args.name = name
     if args.stages < 1:
         sys.stderr.write("shardline serve: --stages must be >= 1\n")
+        return 2
+    if args.max_body_bytes < 1 or args.header_timeout <= 0 or args.body_timeout <= 0:
+        sys.stderr.write("shardline serve: --max-body-bytes must be >= 1, --header-timeout "
+                         "and --body-timeout > 0\n")
         return 2
     try:
         sock = socket.create_server((args.host, args.port))
@@ -69,6 +76,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     import uvicorn
 
     from ._app import create_app
+    from ._http import GuardedProtocol
 
     workers = args.stages if args.workers is None else args.workers
     async with Node() as node, _cluster(node, workers) as cluster:
@@ -87,16 +95,29 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
                                         context=int(args.spec.config["seq"]),
                                         max_queue=args.max_queue)
         try:
-            async with service:
-                app = create_app({args.name: service}, metrics, api_key=args.api_key)
-                config = uvicorn.Config(app, log_level=args.log_level, lifespan="off",
-                                        access_log=False)
+            async with service, anyio.create_task_group() as tg:
+                app = create_app({args.name: service}, metrics, api_key=args.api_key,
+                                 max_body_bytes=args.max_body_bytes,
+                                 body_timeout=args.body_timeout)
+                closed = metrics.connections_closed
+                protocol = GuardedProtocol.configure(
+                    header_timeout=args.header_timeout, drain_timeout=args.body_timeout,
+                    on_close=lambda reason: closed.labels(reason).inc())
+                config = uvicorn.Config(app, http=protocol, ws="none", lifespan="off",
+                                        log_level=args.log_level, access_log=False)
                 server = uvicorn.Server(config)
+                # What the model and the libraries allocated stays for good: out of the
+                # collector's way, so its full passes (which hold the GIL, and so the
+                # event loop) walk only what requests allocate.
+                gc.collect()
+                gc.freeze()
+                tg.start_soon(metrics.measure_loop_lag)
                 host, port = sock.getsockname()[:2]
                 sys.stdout.write(f"shardline serve http://{host}:{port} model={args.name} "
                                  f"stages={args.stages} workers={workers}\n")
                 sys.stdout.flush()
                 await server.serve(sockets=[sock])
+                tg.cancel_scope.cancel()
         finally:
             with contextlib.suppress(ShardlineError):
                 await pipe.stop()

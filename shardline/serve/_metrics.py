@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import anyio
@@ -32,12 +33,29 @@ class ServeMetrics:
                                 ["device"], registry=self.registry)
         self.tokens = Counter("shardline_completion_tokens", "Tokens generated",
                               registry=self.registry)
+        self.loop_lag = Histogram(
+            "shardline_serve_loop_lag_seconds",
+            "How late the event loop woke a task that asked to sleep: time the loop was "
+            "busy with something else", registry=self.registry,
+            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.connections_closed = Counter(
+            "shardline_serve_connections_closed",
+            "HTTP connections the server closed on a limit", ["reason"],
+            registry=self.registry)
         self._pipe: Pipeline | None = None
 
     def watch(self, queue: Any, pipe: Pipeline) -> None:
         """``queue.depth``: requests waiting (or running, for completions)."""
         self.queue_depth.set_function(lambda: float(queue.depth))
         self._pipe = pipe
+
+    async def measure_loop_lag(self, interval: float = 0.1) -> None:
+        """Until cancelled: sleep ``interval`` seconds, again and again, and observe how
+        much later than asked the loop woke this task."""
+        while True:
+            asked = time.monotonic()
+            await anyio.sleep(interval)
+            self.loop_lag.observe(max(0.0, time.monotonic() - asked - interval))
 
     async def render(self, timeout: float = 1.0) -> bytes:
         """The text exposition; per-device busy time is asked of the stages now (a stage

@@ -6,6 +6,7 @@ import asyncio
 import codecs
 import contextlib
 import math
+import os
 import time
 from collections.abc import AsyncGenerator
 from types import TracebackType
@@ -21,8 +22,18 @@ from ._metrics import ServeMetrics
 __all__ = ["CompletionService", "EmbeddingService", "InputError"]
 
 
+# Texts longer than this (in characters, all of a request's together) are tokenized on a
+# worker thread: ~1 ms of tokenizing, about what the hop to a thread and back costs.
+INLINE_CHARS = 4096
+
+
 class InputError(ShardlineError, ValueError):
-    """The request itself is wrong (HTTP 400): empty, not text, too long."""
+    """The request itself is wrong (HTTP 400): empty, not text, too long. ``code`` is
+    OpenAI's error code for it, if it has one."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class EmbeddingService:
@@ -33,12 +44,16 @@ class EmbeddingService:
 
     def __init__(self, name: str, pipe: Pipeline, *, metrics: ServeMetrics,
                  max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024,
-                 tokenizer: minilm.Tokenizer | None = None) -> None:
+                 tokenizer: minilm.Tokenizer | None = None,
+                 threads: int | None = None) -> None:
         self.name = name
         self.pipe = pipe
         self.metrics = metrics
         self.tokenizer = tokenizer or minilm.Tokenizer()
-        self.batcher: Batcher[str, torch.Tensor] = Batcher(
+        self.threads = threads or os.cpu_count() or 2
+        """Worker threads tokenizing long requests at once."""
+        self._limiter: anyio.CapacityLimiter | None = None
+        self.batcher: Batcher[list[int], torch.Tensor] = Batcher(
             self._run, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
         self.created = int(time.time())
         # a batch goes in as up to `groups` length-sorted pipeline calls of at least
@@ -47,6 +62,7 @@ class EmbeddingService:
         self.min_group = 4
 
     async def __aenter__(self) -> EmbeddingService:
+        self._limiter = anyio.CapacityLimiter(self.threads)
         await self.batcher.__aenter__()
         self.metrics.watch(self.batcher, self.pipe)
         return self
@@ -55,41 +71,48 @@ class EmbeddingService:
                         exc: BaseException | None, tb: TracebackType | None) -> bool | None:
         return await self.batcher.__aexit__(exc_type, exc, tb)
 
-    def check(self, texts: list[str]) -> int:
-        """Validate ``texts``; returns their token count (``InputError`` if too long)."""
-        total = 0
-        for i, text in enumerate(texts):
-            n = self.tokenizer.count(text)
-            if n > self.tokenizer.max_tokens:
-                raise InputError(f"input[{i}] is {n} tokens long; this model takes at most "
-                                 f"{self.tokenizer.max_tokens}")
-            total += n
-        return total
+    async def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids (``InputError`` if one is longer than the model takes).
+        Long texts go to a worker thread: the tokenizer runs without the GIL, so the
+        event loop keeps answering (a million characters take about half a second)."""
+        try:
+            if sum(map(len, texts)) <= INLINE_CHARS or self._limiter is None:
+                rows = self.tokenizer.encode(texts)
+            else:
+                rows = await anyio.to_thread.run_sync(self.tokenizer.encode, texts,
+                                                      limiter=self._limiter)
+        except TypeError as exc:  # what the tokenizer says of a lone surrogate
+            raise InputError(f"the input cannot be tokenized: {exc}") from None
+        for i, row in enumerate(rows):
+            if len(row) > self.tokenizer.max_tokens:
+                raise InputError(f"input[{i}] is {len(row)} tokens long; this model takes "
+                                 f"at most {self.tokenizer.max_tokens}",
+                                 code="context_length_exceeded")
+        return rows
 
-    async def embed(self, texts: list[str]) -> list[torch.Tensor]:
-        """One float32 vector per text; the first failure is raised as it is
-        (``QueueFull``, ``PipelineError``), the rest of the request's texts finish
-        unobserved."""
-        return list(await asyncio.gather(*(self.batcher(t) for t in texts)))
+    async def embed(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        """One float32 vector per text, given as its token ids (``tokenize``); the first
+        failure is raised as it is (``QueueFull``, ``PipelineError``), the rest of the
+        request's texts finish unobserved."""
+        return list(await asyncio.gather(*(self.batcher(r) for r in rows)))
 
-    async def _run(self, texts: list[str]) -> list[torch.Tensor]:
+    async def _run(self, rows: list[list[int]]) -> list[torch.Tensor]:
         """One batch: sorted by length and cut into groups that each pad only to their
         own longest text (as sentence-transformers' encode does); the groups go into
         the pipeline together and overlap there."""
-        self.metrics.batch_size.observe(len(texts))
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        size = max(self.min_group, math.ceil(len(texts) / self.groups))
+        self.metrics.batch_size.observe(len(rows))
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        size = max(self.min_group, math.ceil(len(rows) / self.groups))
         groups = [order[i:i + size] for i in range(0, len(order), size)]
-        outputs = await asyncio.gather(*(self._embed([texts[i] for i in group])
+        outputs = await asyncio.gather(*(self._embed([rows[i] for i in group])
                                          for group in groups))
-        rows: list[torch.Tensor] = list(texts)  # type: ignore[arg-type]
+        vectors: dict[int, torch.Tensor] = {}
         for group, out in zip(groups, outputs, strict=True):
-            for i, row in zip(group, out, strict=True):
-                rows[i] = row
-        return rows
+            vectors.update(zip(group, out, strict=True))
+        return [vectors[i] for i in range(len(rows))]
 
-    async def _embed(self, texts: list[str]) -> torch.Tensor:
-        result: Any = await self.pipe(self.tokenizer(texts))
+    async def _embed(self, rows: list[list[int]]) -> torch.Tensor:
+        result: Any = await self.pipe(minilm.pad(rows))
         assert isinstance(result, torch.Tensor)
         return result
 
@@ -129,13 +152,20 @@ class CompletionService:
         return self.active
 
     def encode(self, prompt: str) -> list[int]:
-        ids = list(prompt.encode("utf-8"))
-        if not ids:
+        """The prompt's tokens (its UTF-8 bytes); ``InputError`` if it is empty, not
+        valid Unicode, or leaves no room in the context."""
+        try:
+            data = prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"the prompt is not valid Unicode: {exc.reason} at "
+                             f"character {exc.start}") from None
+        if not data:
             raise InputError("the prompt is empty")
-        if len(ids) >= self.context:
-            raise InputError(f"the prompt is {len(ids)} tokens; this model's context is "
-                             f"{self.context} tokens, including the completion")
-        return ids
+        if len(data) >= self.context:
+            raise InputError(f"the prompt is {len(data)} tokens; this model's context is "
+                             f"{self.context} tokens, including the completion",
+                             code="context_length_exceeded")
+        return list(data)
 
     async def complete(self, ids: list[int], max_tokens: int, *, temperature: float,
                        top_p: float, seed: int | None,
