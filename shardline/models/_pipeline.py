@@ -226,7 +226,9 @@ class Pipeline:
 
     async def stats(self) -> dict[str, Any]:
         """Steps done, the stable snapshot version, every recovery (what was lost, where
-        its stages went, how long it took) and the count of non-finite losses."""
+        its stages went, how long it took), the count of non-finite losses, and the
+        batched ``generate`` calls (``"prefill"``, ``"decode"``: calls, rows,
+        max_rows)."""
         result: dict[str, Any] = await self.scheduler.stats()
         return result
 
