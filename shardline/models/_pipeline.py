@@ -8,8 +8,9 @@ spawns and links the stage actors, and a ``Scheduler`` actor runs the steps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -225,7 +226,9 @@ class Pipeline:
 
     async def stats(self) -> dict[str, Any]:
         """Steps done, the stable snapshot version, every recovery (what was lost, where
-        its stages went, how long it took) and the count of non-finite losses."""
+        its stages went, how long it took), the count of non-finite losses, and the
+        batched ``generate`` calls (``"prefill"``, ``"decode"``: calls, rows,
+        max_rows)."""
         result: dict[str, Any] = await self.scheduler.stats()
         return result
 
@@ -238,50 +241,68 @@ class Pipeline:
         causal LM whose last layer returns logits ``[batch, time, vocab]``.
 
         The prompt goes through the pipeline once; after that only the newest token
-        does: every stage keeps its layers' keys and values for this request
-        (``forward_cached``) until the iteration ends, is closed or cancelled.
+        does: every stage keeps its layers' keys and values for this request until the
+        iteration ends, is closed or cancelled. Concurrent calls are batched token by
+        token (continuous batching, ``forward_cached_batch``): each decode step runs
+        the newest token of every request waiting for one as one batch through the
+        stages; requests join and leave between steps, each with its own state on every
+        stage, and get the tokens they would get alone. New prompts go through in
+        prefill calls of their own, between decode steps, several prompts per call
+        and at most ``Scheduler.prefill_chunk`` tokens of each, so a long prompt holds
+        up the running requests for one chunk at a time.
         ``temperature == 0`` is greedy; otherwise sampling with nucleus ``top_p`` and a
-        generator seeded with ``seed``. Generation stops after yielding
-        ``eos_token_id`` (one id or several; ``None``: the ``eos_token_id`` of the
-        ``LayerSpec`` the pipeline was started from, if its config has one; ``[]``: never).
+        generator of this request's own, seeded with ``seed``. Generation stops after
+        yielding ``eos_token_id`` (one id or several; ``None``: the ``eos_token_id`` of
+        the ``LayerSpec`` the pipeline was started from, if its config has one; ``[]``:
+        never).
         """
         from ._generate import sample
 
         if eos_token_id is None and self.model_spec is not None:
             eos_token_id = self.model_spec.config.get("eos_token_id")
         stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
 
-        ids = torch.as_tensor(prompt, dtype=torch.int64).reshape(1, -1)
-        if ids.shape[1] == 0:
+        ids = torch.as_tensor(prompt, dtype=torch.int64).reshape(-1).tolist()
+        if not ids:
             raise ValueError("the prompt is empty")
         gen = torch.Generator()
         gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         cache = secrets.token_hex(8)
         tokens: list[int] = []
 
-        async def forward(x: torch.Tensor) -> torch.Tensor:
+        # Greedy: the last stage sends the argmax, not a vocabulary-wide row of logits.
+        async def prefill(x: list[int]) -> torch.Tensor | int:
+            out: torch.Tensor | int = await self._schedule("prefill", cache, x,
+                                                           temperature == 0)
+            return out
+
+        async def decode(token: int) -> torch.Tensor | int:
+            out: torch.Tensor | int = await self._schedule("decode", cache, token,
+                                                           temperature == 0)
+            return out
+
+        async def forward(first: Callable[[], Awaitable[torch.Tensor | int]]
+                          ) -> torch.Tensor | int:
             nonlocal cache
             try:
-                logits: torch.Tensor = await self._schedule("infer", x, cache)
-                return logits
+                return await first()
             except PipelineError as exc:
                 if not exc.recovered:
                     raise
                 failure = exc
             for _ in range(3):
-                # A stage of this request was lost and the pipeline replaced it: replay
-                # the request into fresh caches the way it first ran (the prompt, then
-                # one token at a time), so the caches, and what comes next, are the
-                # same (Petals' replay, but exact).
+                # A stage holding this request's state was lost and the pipeline
+                # replaced it: replay the request into fresh caches (Petals' replay),
+                # the prompt and every token so far as one prefill. The caches equal the
+                # lost ones up to float rounding (as do those of a decode step's rows,
+                # whatever else shares the step).
                 with anyio.CancelScope(shield=True):
                     await _quietly(self.scheduler.release(cache))
                 cache = secrets.token_hex(8)
                 try:
-                    logits = await self._schedule("infer", ids, cache)
-                    for token in tokens:
-                        logits = await self._schedule(
-                            "infer", torch.tensor([[token]], dtype=torch.int64), cache)
-                    return logits
+                    return await prefill(ids + tokens)
                 except PipelineError as exc:
                     if not exc.recovered:
                         raise
@@ -289,15 +310,15 @@ class Pipeline:
             raise failure
 
         try:
-            logits = await forward(ids)
+            logits = await forward(lambda: prefill(ids))
             for i in range(max_new_tokens):
-                token = sample(logits[0, -1], temperature, top_p, gen)
+                token = logits if isinstance(logits, int) else \
+                    sample(logits, temperature, top_p, gen)
                 tokens.append(token)
                 yield token
-                if token in stop:
+                if token in stop or i + 1 == max_new_tokens:
                     break
-                if i + 1 < max_new_tokens:
-                    logits = await forward(torch.tensor([[token]], dtype=torch.int64))
+                logits = await forward(functools.partial(decode, token))
         finally:
             with anyio.CancelScope(shield=True):
                 await _quietly(self.scheduler.release(cache))

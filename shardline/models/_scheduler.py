@@ -21,18 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
+import torch
 
-from .. import Actor, ActorRef
+from .. import Actor, ActorRef, ShardlineError
 from . import _tree
+from ._batching import DecodeBatcher, PrefillQueue, Row
 from ._errors import PipelineError, PlanError
 from ._fleet import Fleet
 from ._plan import DevicePlan, Plan
@@ -112,7 +116,18 @@ class Scheduler(Actor):
     """Runs steps: hands every device its part of the schedule, waits for all of them,
     and turns the first failure into a ``PipelineError`` (cancelling the rest)."""
 
-    max_concurrency = 64  # concurrent inference calls overlap in the pipeline
+    # Concurrent inference calls overlap in the pipeline, and every running generate
+    # request waits here for its next decode step.
+    max_concurrency = 512
+    decode_rows = 64      # the most requests one decode step (or prefill call) runs
+    join_wait_s = 0.002   # how long a decode step waits for the last one's rows
+    prefill_chunk = 128   # the most tokens of one prompt a prefill call takes
+    prefill_tokens = 1024  # the most tokens (rows x the longest) of a prefill call
+    # Decode steps in flight at once, each with its share of the requests. More than
+    # one keeps several devices busy at once, but each step reads every weight again:
+    # a gain only where a step's cost grows with its rows (large batches), a loss where
+    # reading the weights dominates (small decode batches, the usual case).
+    decode_groups = 1
 
     def __init__(self, fleet: Fleet, trace: bool = False, snapshot_every: int = 0,
                  probe_timeout: float = 2.0, max_recoveries: int = 8) -> None:
@@ -135,7 +150,15 @@ class Scheduler(Actor):
         self.loaded = False  # state replaced since start: a fresh build is not it
         self._next_replica = 0
         self._down: set[int] = set()               # replicas with a lost node, no spare
-        self._cache_replica: dict[str, int] = {}   # where each cached request's state is
+        self._pins: dict[str, _Pin] = {}           # where each cached request's state is
+        self._prefills = PrefillQueue(functools.partial(self._start_loop, "prefill"),
+                                      self.decode_rows, self.prefill_chunk,
+                                      self.prefill_tokens)
+        self._decodes = DecodeBatcher(functools.partial(self._start_loop, "decode"),
+                                      self.decode_rows, self.join_wait_s)
+        self._loops: dict[str, str] = {}  # the id each queue's loop must be started with
+        self.batched = {q: {"calls": 0, "rows": 0, "max_rows": 0}
+                        for q in ("prefill", "decode")}
         self._programs = [_program(acts) for acts in self.plan.schedule.actions]
 
     @property
@@ -162,7 +185,9 @@ class Scheduler(Actor):
     def stats(self) -> dict[str, Any]:
         return {"steps": self.committed, "stable_snapshot": self._stable,
                 "recoveries": list(self.recoveries),
-                "nonfinite_losses": self.nonfinite_losses}
+                "nonfinite_losses": self.nonfinite_losses,
+                "prefill": dict(self.batched["prefill"]),
+                "decode": dict(self.batched["decode"])}
 
     async def resnapshot(self) -> None:
         """The state was replaced (a checkpoint loaded): it becomes the stable snapshot,
@@ -464,51 +489,223 @@ class Scheduler(Actor):
         pipeline heals and the call runs again; with replicas it runs again on another;
         a call with ``cache`` raises instead (its state went with the node), with the
         error's ``recovered`` set when the pipeline is whole again, so the caller can
-        replay the request (``Pipeline.generate`` does)."""
+        replay the request (``Pipeline.generate`` does). So does a call with ``cache``
+        whose state was on a stage that has been replaced since its last call."""
+        if cache is not None:
+            self._check_pin(cache)
         attempts = 0
         while True:
             async with self._gate.hold(exclusive=False):
                 replica = self._replica_for(cache)
                 try:
-                    return await self._infer(x, cache, replica)
+                    output, _ = await self._infer(x, cache, replica)
+                    return output
                 except PipelineError as exc:
                     failure = exc
             attempts += 1
-            lost = await self.fleet.lost_nodes(self.probe_timeout)
-            if not lost or attempts > self.max_recoveries:
-                raise failure
-            if self.fleet.can_replace():
-                async with self._gate.hold(exclusive=True):
-                    # another call may have healed it meanwhile
-                    if await self.fleet.lost_nodes(self.probe_timeout):
-                        await self._heal(failure)
-                    self._down.clear()
-            else:
-                self._down |= {dev.replica for dev in self.plan.on_nodes(lost)}
-                if len(self._down) == self.plan.replicas:
-                    raise failure
+            await self._mend(failure, attempts)
             if cache is not None:
                 failure.recovered = True
-                self._cache_replica.pop(cache, None)
+                self._unpin(cache)
                 raise failure
+
+    async def prefill(self, cache: str, tokens: list[int],
+                      greedy: bool = False) -> torch.Tensor | int:
+        """Request ``cache``'s ``tokens`` (a new prompt; a new id starts a request)
+        through the pipeline, in calls shared with the other prompts waiting (at most
+        ``prefill_chunk`` tokens of each per call, ``prefill_tokens`` in all): the
+        logits that follow its last token (``[vocab]``), or with ``greedy`` their
+        argmax. Errors as ``infer``'s for a call with ``cache``."""
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        self._check_pin(cache)
+        result: torch.Tensor | int = await self._prefills.submit(
+            cache, [int(t) for t in tokens], bool(greedy))
+        return result
+
+    async def decode(self, cache: str, token: int,
+                     greedy: bool = False) -> torch.Tensor | int:
+        """The logits (``[vocab]``) that follow ``token`` in request ``cache`` (whose
+        earlier tokens went through ``prefill``), or with ``greedy`` their argmax: one
+        row of the next decode step, which runs every request waiting for one as a
+        single batch. Errors as ``infer``'s for a call with ``cache``."""
+        if self._check_pin(cache) is None:
+            raise LookupError(f"request {cache} has no cached state: its prompt goes "
+                              "through prefill first")
+        result: torch.Tensor | int = await self._decodes.submit(cache, [int(token)],
+                                                                bool(greedy))
+        return result
+
+    async def batch_loop(self, queue: str, loop_id: str) -> None:
+        """Runs the batched calls of ``queue`` ("prefill" or "decode") while requests
+        wait for them. Not for callers: the scheduler starts it on its own mailbox
+        when a request arrives and none runs (so it belongs to this actor and ends
+        with it); any other call returns at once."""
+        if not loop_id or self._loops.get(queue) != loop_id:
+            return
+        self._loops[queue] = ""  # this one runs: the id cannot start a second
+        rows_of: PrefillQueue | DecodeBatcher = \
+            self._prefills if queue == "prefill" else self._decodes
+        self._decodes.groups = self.decode_groups
+
+        async def call(rows: list[Row]) -> None:
+            try:
+                await self._batched_call(rows, rows_of is self._prefills)
+            except Exception as exc:  # a bug: this call's requests fail, the others go on
+                log.exception("a batched %s call failed", queue)
+                _fail(rows, exc)
+            except BaseException:
+                _fail(rows, PipelineError("the pipeline stopped", 0))
+                raise
+            finally:
+                rows_of.finished(rows)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                while True:
+                    rows = await rows_of.next_rows()
+                    if not rows:
+                        return
+                    if rows_of is self._prefills:
+                        await call(rows)  # one at a time, between decode steps
+                    else:
+                        tg.start_soon(call, rows)
+        except BaseException as exc:
+            rows_of.fail_all(exc if isinstance(exc, Exception)
+                             else PipelineError("the pipeline stopped", 0))
+            raise
+
+    async def _start_loop(self, queue: str) -> None:
+        self._loops[queue] = loop_id = secrets.token_hex(8)
+        await self.ref.tell("batch_loop", queue, loop_id)
+
+    async def _batched_call(self, rows: list[Row], prefill: bool) -> None:
+        """One prefill call or decode step: the rows of each replica as one batch through
+        that replica's stages; each row gets its result or its own error."""
+        groups: dict[int, list[Row]] = {}
+        for row in rows:
+            if row.done.done():
+                continue  # its caller left meanwhile
+            try:
+                pin = self._check_pin(row.cache)
+            except PipelineError as exc:
+                row.done.set_exception(exc)
+                continue
+            if pin is not None:
+                groups.setdefault(pin.replica, []).append(row)
+            elif prefill:  # a new request: its replica from now on
+                groups.setdefault(self._replica_for(row.cache), []).append(row)
+            else:
+                row.done.set_exception(LookupError(f"request {row.cache} was released"))
+        async with anyio.create_task_group() as tg:
+            for replica, group in groups.items():
+                tg.start_soon(self._batched_group, replica, group, prefill)
+
+    async def _batched_group(self, replica: int, rows: list[Row], prefill: bool) -> None:
+        width = max(row.take for row in rows)
+        # one tensor from lists: a copy per row costs a tenth of a millisecond a step
+        x = torch.tensor([row.chunk + [0] * (width - row.take) for row in rows],
+                         dtype=torch.int64)
+        lengths = [row.take for row in rows] if prefill else None
+        async with self._gate.hold(exclusive=False):
+            try:
+                out, errors = await self._infer(x, [row.cache for row in rows], replica,
+                                                [row.greedy for row in rows], lengths)
+            except PipelineError as exc:
+                failure = exc
+            else:
+                counts = self.batched["prefill" if prefill else "decode"]
+                counts["calls"] += 1
+                counts["rows"] += len(rows)
+                counts["max_rows"] = max(counts["max_rows"], len(rows))
+                tokens = out["tokens"].tolist()
+                logits = iter(out["logits"])
+                for i, row in enumerate(rows):
+                    result = tokens[i] if row.greedy else next(logits)
+                    if row.done.done():
+                        continue
+                    if i in errors:
+                        row.done.set_exception(errors[i])
+                    elif row.offset + row.take == len(row.tokens):  # else: more to come
+                        row.done.set_result(result)
+                return
+        try:
+            await self._mend(failure, 1)
+        except PipelineError:
+            recovered = False  # not a lost node: a stage raised for the whole batch
+        else:
+            recovered = True
+        for row in rows:
+            error = PipelineError(str(failure), failure.stage, failure.replica)
+            error.__cause__ = failure.__cause__
+            if recovered:
+                error.recovered = True
+                self._unpin(row.cache)
+            if not row.done.done():
+                row.done.set_exception(error)
+
+    async def _mend(self, failure: PipelineError, attempts: int) -> None:
+        """After a failed inference call: heal the pipeline (spares) or take the
+        replica that lost a node out of rotation (replicas); raises ``failure`` when no
+        node was lost or nothing can be done."""
+        lost = await self.fleet.lost_nodes(self.probe_timeout)
+        if not lost or attempts > self.max_recoveries:
+            raise failure
+        if self.fleet.can_replace():
+            async with self._gate.hold(exclusive=True):
+                # another call may have healed it meanwhile
+                if await self.fleet.lost_nodes(self.probe_timeout):
+                    await self._heal(failure)
+                self._down.clear()
+        else:
+            self._down |= {dev.replica for dev in self.plan.on_nodes(lost)}
+            if len(self._down) == self.plan.replicas:
+                raise failure
+
+    def _check_pin(self, cache: str) -> _Pin | None:
+        """Where request ``cache``'s state is (``None``: a new request); raises
+        (``recovered``) when a stage of that replica was replaced since, or the replica
+        is out of rotation: the state is gone, and the caller may replay the request."""
+        pin = self._pins.get(cache)
+        if pin is None:
+            return None
+        if pin.lost or pin.replica in self._down or \
+                pin.refs != self.fleet.replica(pin.replica):
+            pin.lost = True
+            error = PipelineError(f"request {cache}: a stage holding its state was lost "
+                                  "and replaced", 0, pin.replica)
+            error.recovered = True
+            raise error
+        return pin
+
+    def _unpin(self, cache: str) -> None:
+        """Request ``cache`` lost its state: it can only be released (which frees what
+        is left of it on the stages that survived) and replayed under a new id."""
+        pin = self._pins.get(cache)
+        if pin is not None:
+            pin.lost = True
 
     def _replica_for(self, cache: str | None) -> int:
         """The replica for a call: round robin over those not down; every call of one
         cached request goes where its state is."""
         if cache is not None:
-            placed = self._cache_replica.get(cache)
-            if placed is not None:
-                return placed
+            pin = self._pins.get(cache)
+            if pin is not None:
+                return pin.replica
         up = [r for r in range(self.plan.replicas) if r not in self._down]
         self._next_replica += 1
         replica = up[self._next_replica % len(up)] if up else 0
         if cache is not None:
-            self._cache_replica[cache] = replica
-            if len(self._cache_replica) > 65536:  # requests never released
-                del self._cache_replica[next(iter(self._cache_replica))]
+            self._pins[cache] = _Pin(replica, self.fleet.replica(replica))
+            if len(self._pins) > 65536:  # requests never released
+                del self._pins[next(iter(self._pins))]
         return replica
 
-    async def _infer(self, x: Any, cache: str | None, r: int) -> Any:
+    async def _infer(self, x: Any, cache: str | list[str] | None, r: int,
+                     greedy: list[bool] | None = None, lengths: list[int] | None = None
+                     ) -> tuple[Any, dict[int, PipelineError]]:
+        """One forward pass on replica ``r``: the output, and for a batched call (a list
+        of cache ids, one per row: ``StageActor.run``) the rows that failed alone."""
         schedule = self.plan.schedule
         first = _tree.leaves(x)
         m = max(1, min(schedule.n_microbatches, first[0].shape[0] if first else 1))
@@ -529,7 +726,7 @@ class Scheduler(Actor):
             try:
                 results[d] = await ref.run(
                     step, programs[d], dict(enumerate(xs)) if d == first_device else None,
-                    None, False, m, self.tracing, cache)
+                    None, False, m, self.tracing, cache, greedy, lengths)
             except Exception as exc:
                 if not failure:
                     failure.append(((r, d), exc))
@@ -541,17 +738,53 @@ class Scheduler(Actor):
         if failure:
             raise self._error(failure[0], "")
         if self.tracing:
-            self._records.append({"step": step, "what": "infer", "start": started,
-                                  "end": time.time(),
-                                  "devices": [r.pop("spans", []) for r in results]})
+            what = "infer" if not isinstance(cache, list) else \
+                "prefill" if lengths is not None else "decode"
+            record = {"step": step, "what": what, "start": started, "end": time.time(),
+                      "devices": [r.pop("spans", []) for r in results]}
+            self._records.append(record)
+        errors: dict[int, PipelineError] = {}
+        for d, result in enumerate(results):  # the first stage a row failed on counts
+            for row, message in result.get("row_errors", {}).items():
+                if int(row) not in errors:
+                    errors[int(row)] = PipelineError(
+                        f"stage {d}{f' of replica {r}' if self.plan.replicas > 1 else ''}"
+                        f" failed for this request: {message}", d, r)
         outputs = results[last_device]["outputs"]
-        return _tree.cat([outputs[i] for i in range(m)])
+        if m == 1:  # torch.cat copies even one tensor, slowly for [rows, 1, vocab] logits
+            return outputs[0], errors
+        return _tree.cat([outputs[i] for i in range(m)]), errors
 
     async def release(self, cache: str) -> None:
-        replica = self._cache_replica.pop(cache, None)
-        if replica is not None:
-            for ref in self.fleet.replica(replica):
+        """Request ``cache`` ended: it leaves the decode batch, and every stage frees
+        its state."""
+        self._prefills.leave(cache)
+        self._decodes.leave(cache)
+        pin = self._pins.pop(cache, None)
+        if pin is None:
+            return
+        # The stages it started on: after a recovery, the survivors still hold its state.
+        for ref in pin.refs:
+            with contextlib.suppress(ShardlineError):  # a lost node: nothing left to free
                 await ref.tell("release", cache)
+
+
+def _fail(rows: list[Row], error: BaseException) -> None:
+    for row in rows:
+        if not row.done.done():
+            row.done.set_exception(error)
+
+
+class _Pin:
+    """Where a cached request's state lives: its replica, and that replica's stage
+    actors when it started (a stage replaced since holds none of it)."""
+
+    __slots__ = ("lost", "refs", "replica")
+
+    def __init__(self, replica: int, refs: list[ActorRef]) -> None:
+        self.replica = replica
+        self.refs = refs
+        self.lost = False  # part of its state went with a lost node
 
 
 async def _done() -> None:

@@ -35,6 +35,7 @@ from ._autograd import (
     check_finite,
 )
 from ._device import Device, Key
+from ._rows import pick_tokens, run_rows
 from ._snapshot import State, Versions, in_shared_memory
 from ._spec import LayerSpec, import_path
 
@@ -80,6 +81,7 @@ class StageActor(Actor):
         self.cache_idle_s = cache_idle_s
         self._caches: dict[str, _Cache] = {}       # device thread only
         self._expired: dict[str, None] = {}        # recently expired ids, oldest first
+        self._released: dict[str, None] = {}       # recently released ids, oldest first
         self._snapshots = Versions(keep=2)
         self.version = 0                           # training steps committed here
         self._sync: GradSync | None = None         # gradient averaging over replicas
@@ -195,7 +197,9 @@ class StageActor(Actor):
                   inputs: dict[int, Any] | None = None,
                   targets: dict[int, Any] | None = None, train: bool = True,
                   n_microbatches: int = 1, trace: bool = False,
-                  cache: str | None = None) -> dict[str, Any]:
+                  cache: str | list[str] | None = None,
+                  greedy: list[bool] | None = None,
+                  lengths: list[int] | None = None) -> dict[str, Any]:
         """Execute this device's program for one step: ``actions`` are
         ``[stage, kind, microbatch]`` in order, kind ``F`` (forward), ``B`` (full
         backward), ``I`` (input gradient only) or ``W`` (weight gradient, after ``I``).
@@ -206,6 +210,15 @@ class StageActor(Actor):
         ``trace``, also ``{"spans": [[stage, kind, mb, start, end], ...]}``. With
         ``cache`` (inference), layers that have ``forward_cached`` keep their state
         (e.g. keys and values) under that id for the next call, until ``release``.
+        With a list of ids (many requests, one row of the batch each), row ``i``
+        continues the state of ``cache[i]``: a decode step (one new token per row;
+        the state must exist), or with ``lengths`` a prefill call (row ``i`` brings
+        ``lengths[i]`` tokens, right-padded to the longest; a new id starts a state).
+        A row that fails (its state is gone, its sequence outgrew the model) fails
+        alone: its output is zeros and ``{"row_errors": {row: message}}`` says why.
+        ``greedy`` (rows of a causal LM): the last stage's output is then
+        ``{"tokens": argmax of every row's last logits, "logits": the last logits of
+        the rows not greedy}``, so the logits of greedy rows never travel.
         """
         device = self.link
         loop = asyncio.get_running_loop()
@@ -214,6 +227,8 @@ class StageActor(Actor):
         if trace:
             program.spans = []
         program.cache = cache
+        program.greedy = greedy
+        program.lengths = lengths
         device.submit(functools.partial(self._drive, program))
         try:
             await program.done
@@ -225,6 +240,8 @@ class StageActor(Actor):
             result["losses"] = program.losses
         if program.outputs:
             result["outputs"] = program.outputs
+        if program.row_errors:
+            result["row_errors"] = program.row_errors
         if program.spans is not None:
             result["spans"] = program.spans
         return result
@@ -332,8 +349,11 @@ class StageActor(Actor):
             target = _tree.map_tensors(target, _aligned)
             x_leaves: list[torch.Tensor] = []
             loss: torch.Tensor | None = None
-            if program.cache is not None and not program.train:
-                y = self._forward_cached(s, value, program.cache)
+            cache = program.cache if not program.train else None
+            if isinstance(cache, list):
+                y = self._forward_rows(s, value, cache, program.row_errors, program.lengths)
+            elif cache is not None:
+                y = self._forward_cached(s, value, cache)
             else:
                 y, x_leaves, loss = self._forward(s, value, program.train, target,
                                                   program.n_microbatches)
@@ -346,6 +366,8 @@ class StageActor(Actor):
                     program.losses[mb] = float(loss.detach()) * program.n_microbatches * \
                         self.replicas
                     program.saved[(s, mb)] = (x_leaves, loss)
+                elif program.greedy is not None:
+                    program.outputs[mb] = pick_tokens(y, program.greedy)
                 else:
                     program.outputs[mb] = y
             else:
@@ -404,11 +426,11 @@ class StageActor(Actor):
         device thread, until ``release`` or ``cache_idle_s`` without use."""
         now = time.monotonic()
         self._expire_caches()
-        if cache_id in self._expired:
-            raise LookupError(f"request {cache_id} was idle for over {self.cache_idle_s} s; "
-                              "its cached state is gone")
         entry = self._caches.get(cache_id)
         if entry is None:
+            why = self._gone(cache_id)
+            if why is not None:
+                raise LookupError(why)
             entry = self._caches[cache_id] = _Cache()
         entry.used = now
         layers = list(self.chunks[stage].children())
@@ -419,6 +441,53 @@ class StageActor(Actor):
                 cached = getattr(layer, "forward_cached", None)
                 x = cached(x, state) if cached is not None else layer(x)
         return x
+
+    def _forward_rows(self, stage: int, x: Any, cache_ids: list[str],
+                      errors: dict[int, str], lengths: list[int] | None) -> Any:
+        """Many requests at once: row ``i`` of ``x`` continues request ``cache_ids[i]``;
+        a decode step (``lengths`` ``None``: one token per row, every state must exist)
+        or a prefill call (row ``i`` brings ``lengths[i]`` tokens, the rest pads it; a
+        new request starts here). Layers with ``forward_cached_batch`` run the whole
+        batch at once, others row by row (``run_rows``). A row whose state is missing
+        here, or that makes a layer raise, fails alone (recorded in ``errors``; its
+        output is zeros): one bad request must not fail the others it happens to share
+        a call with."""
+        now = time.monotonic()
+        self._expire_caches()
+        layers = list(self.chunks[stage].children())
+        good: list[int] = []
+        rows: list[list[dict[str, Any]]] = []
+        for i, cache_id in enumerate(cache_ids):
+            if i in errors:
+                continue  # failed upstream: its state here must not move on
+            entry = self._caches.get(cache_id)
+            if entry is None:
+                why = self._gone(cache_id)
+                if why is None and lengths is not None:
+                    entry = self._caches[cache_id] = _Cache()
+                else:
+                    errors[i] = why or (f"request {cache_id} has no cached state here "
+                                        "(never prefilled, or the stage was replaced)")
+                    continue
+            entry.used = now
+            good.append(i)
+            rows.append(entry.layers.setdefault(stage, [{} for _ in layers]))
+        if not good:
+            raise LookupError("; ".join(errors[i] for i in sorted(errors)))
+        with torch.inference_mode():
+            x = _tree.map_tensors(x, lambda t: t.to(self.device))
+            return run_rows(layers, x, rows, good, errors, lengths)
+
+    def _gone(self, cache_id: str) -> str | None:
+        """Why a request whose state this stage dropped cannot go on, or ``None``.
+        Continuing it from nothing would give wrong tokens, and a late call of a
+        released one would leave a cache nobody frees."""
+        if cache_id in self._expired:
+            return (f"request {cache_id} was idle for over {self.cache_idle_s} s; its "
+                    "cached state is gone")
+        if cache_id in self._released:
+            return f"request {cache_id} was released"
+        return None
 
     def _expire_caches(self) -> None:
         """Device thread: drop the state of requests idle for ``cache_idle_s`` (abandoned
@@ -436,6 +505,9 @@ class StageActor(Actor):
 
     def _drop_cache(self, cache_id: str) -> None:
         self._caches.pop(cache_id, None)
+        self._released[cache_id] = None
+        if len(self._released) > 4096:
+            del self._released[next(iter(self._released))]
 
     def cached_requests(self) -> int:
         return len(self._caches)
@@ -653,7 +725,10 @@ class _Program:
         self.losses: dict[int, float] = {}
         self.outputs: dict[int, Any] = {}
         self.spans: list[list[Any]] | None = None  # [stage, kind, mb, start, end]
-        self.cache: str | None = None
+        self.cache: str | list[str] | None = None
+        self.row_errors: dict[int, str] = {}  # decode step: rows that failed, and why
+        self.greedy: list[bool] | None = None  # rows whose argmax is enough
+        self.lengths: list[int] | None = None  # prefill call: real tokens of each row
         self.done = done
         # per stage, the index of the action whose backward leaves its weight
         # gradients final (the last B or W): their all-reduce may start there

@@ -34,7 +34,7 @@ class TraceSpan:
 class StepTrace:
     step: int
     what: str
-    """"train" or "infer"."""
+    """"train", "infer", or a batched generate call: "prefill" or "decode"."""
     start: float
     """When the scheduler sent the step out and got the last result back."""
     end: float

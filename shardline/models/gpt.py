@@ -16,6 +16,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._kvbatch import (
+    append_rows,
+    history,
+    keep,
+    last_positions,
+    new_lengths,
+    past_lengths,
+    row_mask,
+    row_positions,
+)
+
 __all__ = ["DEFAULT", "Block", "Embed", "Head", "batches", "corpus", "generate", "layers",
            "loss", "model", "n_layers", "spec"]
 
@@ -50,6 +61,25 @@ class Embed(nn.Module):
         out: torch.Tensor = self.tokens(idx) + self.positions(pos)
         return out
 
+    def forward_cached_batch(self, idx: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
+        """``forward_cached`` for many requests at once: row ``i`` of ``idx`` continues
+        the sequence of ``states[i]`` with its first ``lengths[i]`` tokens (the rest
+        pads the batch; ``None``: all are real)."""
+        starts = [int(s.get("pos", 0)) for s in states]
+        t = idx.shape[1]
+        new = new_lengths(lengths, len(states), t)
+        context = self.positions.num_embeddings
+        end = max(a + n for a, n in zip(starts, new, strict=True))
+        if end > context:  # before any state changes
+            raise ValueError(f"sequence of {end} tokens exceeds the model's context of "
+                             f"{context}")
+        for state, start, n in zip(states, starts, new, strict=True):
+            state["pos"] = start + n
+        pos = row_positions(starts, t, idx.device).clamp(max=context - 1)  # padding
+        out: torch.Tensor = self.tokens(idx) + self.positions(pos)
+        return out
+
 
 class Block(nn.Module):
     """Pre-norm transformer block with causal self-attention."""
@@ -77,17 +107,31 @@ class Block(nn.Module):
         # the attention is narrower than the block once heads are pruned (models.prune)
         q, k, v = self.qkv(self.norm1(x)).split(self.qkv.out_features // 3, dim=2)
         q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
-        past = cache.get("k")
+        past = history(cache)
         if past is not None:
-            k = torch.cat([past, k], dim=2)
-            v = torch.cat([cache["v"], v], dim=2)
-        cache["k"], cache["v"] = k, v
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        keep(cache, k, v)
         if past is None:
             att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # new token i sits at position p + i and sees keys 0 .. p + i
-            p = past.shape[2]
-            keep = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(p)
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+            p = past[0].shape[2]
+            seen = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(p)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+        return self._finish(x, att)
+
+    def forward_cached_batch(self, x: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
+        """``forward_cached`` for many requests at once: row ``i`` of ``x`` continues the
+        sequence whose keys and values ``states[i]`` holds (rows of any lengths) with
+        its first ``lengths[i]`` positions (``None``: all)."""
+        b, t = x.shape[:2]
+        q, k, v = self.qkv(self.norm1(x)).split(self.qkv.out_features // 3, dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        past = past_lengths(states)
+        keys, values = append_rows(states, k, v, lengths)
+        att = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=row_mask(past, t, None, x.device))
         return self._finish(x, att)
 
     def _finish(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
@@ -108,7 +152,13 @@ class Head(nn.Module):
         return logits
 
     def forward_cached(self, x: torch.Tensor, cache: dict[str, Any]) -> torch.Tensor:
-        return self.forward(x)
+        """Generation: the logits of the last position only (``[batch, 1, vocab]``)."""
+        return self.forward(x[:, -1:])
+
+    def forward_cached_batch(self, x: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
+        """Each row's logits at its last real position: ``[rows, 1, vocab]``."""
+        return self.forward(last_positions(x, lengths))
 
 
 def n_layers(config: dict[str, Any] | None = None) -> int:

@@ -8,9 +8,13 @@ It then computes its rotary embeddings and mask from those positions, so nothing
 tensors crosses processes.
 
 ``forward_cached(x, state)`` is the per-request form ``Pipeline.generate`` uses: the
-embeddings keep ``state["pos"]`` (tokens seen), each decoder layer ``state["k"]`` and
-``state["v"]`` (``[batch, kv_heads, seen, head_dim]``, after rotary), the head keeps
-nothing.
+embeddings keep ``state["pos"]`` (tokens seen), each decoder layer its keys and values
+(after rotary; ``_kvbatch.history`` reads them), the head keeps
+nothing and computes the last position's logits only. ``forward_cached_batch(x,
+states, lengths)`` runs many requests at once (continuous batching): row ``i`` of ``x``
+continues ``states[i]`` with its first ``lengths[i]`` tokens (all when ``None``), rows of
+any lengths (right-padded and masked, ``_kvbatch``); each row gets its own positions,
+rotary embeddings and mask.
 """
 
 from __future__ import annotations
@@ -19,6 +23,17 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .._kvbatch import (
+    append_rows,
+    history,
+    keep,
+    last_positions,
+    new_lengths,
+    past_lengths,
+    row_mask,
+    row_positions,
+)
 
 __all__ = ["Decoder", "Embeddings", "Head", "causal_mask"]
 
@@ -40,17 +55,34 @@ class Embeddings(nn.Module):
         state["pos"] = start + ids.shape[1]
         return out
 
-    def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"the first stage takes token ids (int64), got {ids.dtype}")
+    def forward_cached_batch(self, ids: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
+        starts = [int(s.get("pos", 0)) for s in states]
+        t = ids.shape[1]
+        new = new_lengths(lengths, len(states), t)
+        self._check(ids, max(a + n for a, n in zip(starts, new, strict=True)))
+        for state, start, n in zip(states, starts, new, strict=True):  # checked first
+            state["pos"] = start + n
         h: torch.Tensor = self.tokens(ids)
         if self.positions is not None:
-            end = start + ids.shape[1]
-            if end > self.positions.num_embeddings:
-                raise ValueError(f"sequence of {end} tokens exceeds the model's context of "
-                                 f"{self.positions.num_embeddings}")
+            pos = row_positions(starts, t, ids.device)
+            h = h + self.positions(pos.clamp(max=self.positions.num_embeddings - 1))
+        return h
+
+    def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + ids.shape[1]
+        self._check(ids, end)
+        h: torch.Tensor = self.tokens(ids)
+        if self.positions is not None:
             h = h + self.positions(torch.arange(start, end, device=ids.device))
         return h
+
+    def _check(self, ids: torch.Tensor, end: int) -> None:
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"the first stage takes token ids (int64), got {ids.dtype}")
+        if self.positions is not None and end > self.positions.num_embeddings:
+            raise ValueError(f"sequence of {end} tokens exceeds the model's context of "
+                             f"{self.positions.num_embeddings}")
 
 
 class Decoder(nn.Module):
@@ -71,16 +103,24 @@ class Decoder(nn.Module):
     def forward_cached(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         return self._run(h, state)
 
-    def _run(self, h: torch.Tensor, state: dict[str, Any] | None) -> torch.Tensor:
-        past_k = state.get("k") if state is not None else None
-        past = 0 if past_k is None else int(past_k.shape[2])
+    def forward_cached_batch(self, h: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
+        past = past_lengths(states)
         t = h.shape[1]
-        kwargs: dict[str, Any] = {
-            "attention_mask": causal_mask(past, t, self.window, h.device),
-            self.cache_arg: _LayerCache(state) if state is not None else None,
-        }
+        return self._call(h, row_mask(past, t, self.window, h.device),
+                          _RowsCache(states, lengths), row_positions(past, t, h.device))
+
+    def _run(self, h: torch.Tensor, state: dict[str, Any] | None) -> torch.Tensor:
+        past = past_lengths([state])[0] if state is not None else 0
+        t = h.shape[1]
+        return self._call(h, causal_mask(past, t, self.window, h.device),
+                          _LayerCache(state) if state is not None else None,
+                          torch.arange(past, past + t, device=h.device).unsqueeze(0))
+
+    def _call(self, h: torch.Tensor, mask: torch.Tensor | None, cache: Any,
+              positions: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"attention_mask": mask, self.cache_arg: cache}
         if self.rotary is not None:
-            positions = torch.arange(past, past + t, device=h.device).unsqueeze(0)
             kwargs["position_ids"] = positions
             kwargs["position_embeddings"] = self.rotary(h, positions)
         out = self.layer(h, **kwargs)
@@ -103,7 +143,14 @@ class Head(nn.Module):
         return logits
 
     def forward_cached(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        return self.forward(h)
+        """Generation: the logits of the last position only (``[batch, 1, vocab]``),
+        all it needs, as ``transformers``' ``logits_to_keep=1``; a long prompt's other
+        positions would cost a head matmul and a ``vocab``-wide row each."""
+        return self.forward(h[:, -1:])
+
+    def forward_cached_batch(self, h: torch.Tensor, states: list[dict[str, Any]],
+                             lengths: list[int] | None = None) -> torch.Tensor:
+        return self.forward(last_positions(h, lengths))
 
 
 def causal_mask(past: int, t: int, window: int | None,
@@ -132,9 +179,22 @@ class _LayerCache:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        past = self.state.get("k")
+        past = history(self.state)
         if past is not None:
-            keys = torch.cat([past, keys], dim=2)
-            values = torch.cat([self.state["v"], values], dim=2)
-        self.state["k"], self.state["v"] = keys, values
+            keys = torch.cat([past[0], keys], dim=2)
+            values = torch.cat([past[1], values], dim=2)
+        keep(self.state, keys, values)
         return keys, values
+
+
+class _RowsCache:
+    """``_LayerCache`` for a batch of requests: row ``i`` appends to ``states[i]``; the
+    layer attends over the right-padded batch (``row_mask`` hides the padding)."""
+
+    def __init__(self, states: list[dict[str, Any]], lengths: list[int] | None) -> None:
+        self.states = states
+        self.lengths = lengths
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return append_rows(self.states, keys, values, self.lengths)
