@@ -9,17 +9,13 @@ each commit may also copy the stage's state to host memory; the copies are sent 
 their holders on other nodes while the next step computes, and a version counts once
 every holder has it (``stable``).
 
-When a step fails because nodes were lost, the pipeline moves their devices to spares
-(``Fleet.replace``), restores state, and runs the step again: from a surviving replica
-of the same stage when there is one (nothing else rolls back), otherwise every device
-rolls back to the stable snapshot and the steps since it are replayed from the batches
-kept for that purpose. Kernels being deterministic, the result is bitwise the run that
-never failed.
+When a step fails because nodes were lost, ``_recovery`` moves their devices to spares,
+restores their state and the step runs again. Concurrent ``generate`` requests share
+prefill calls and decode steps (``_batching`` queues them, ``_batched`` runs them).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import itertools
@@ -28,7 +24,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -36,80 +32,20 @@ import torch
 
 from .. import Actor, ActorRef, ShardlineError
 from . import _tree
+from ._batched import batched_call, fail
 from ._batching import DecodeBatcher, PrefillQueue, Row
-from ._errors import PipelineError, PlanError
+from ._errors import PipelineError
 from ._fleet import Fleet
+from ._gate import StepGate
 from ._plan import DevicePlan, Plan
+from ._recovery import heal, recover
 from .schedules import Action
 
-__all__ = ["Scheduler", "StepGate"]
+__all__ = ["Scheduler"]
 
 log = logging.getLogger("shardline.models")
 
 Key = tuple[int, int]
-
-
-class StepGate:
-    """Training steps hold the pipeline alone, in the order they asked; inference calls
-    share it between steps. First come, first served: a waiting step holds back the
-    inference calls that arrive after it, so a stream of them cannot starve it."""
-
-    def __init__(self) -> None:
-        self._readers = 0
-        self._writer = False
-        self._queue: deque[tuple[bool, asyncio.Future[None]]] = deque()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, exclusive: bool) -> AsyncIterator[None]:
-        await self._acquire(exclusive)
-        try:
-            yield
-        finally:
-            self._release(exclusive)
-
-    def _free(self, exclusive: bool) -> bool:
-        return not self._writer and (not exclusive or self._readers == 0)
-
-    def _take(self, exclusive: bool) -> None:
-        if exclusive:
-            self._writer = True
-        else:
-            self._readers += 1
-
-    async def _acquire(self, exclusive: bool) -> None:
-        if not self._queue and self._free(exclusive):
-            self._take(exclusive)
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((exclusive, fut))
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._release(exclusive)  # granted just as the caller gave up
-            else:
-                fut.cancel()
-                self._wake()
-            raise
-
-    def _release(self, exclusive: bool) -> None:
-        if exclusive:
-            self._writer = False
-        else:
-            self._readers -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._queue:
-            exclusive, fut = self._queue[0]
-            if fut.done():
-                self._queue.popleft()
-                continue
-            if not self._free(exclusive):
-                return
-            self._queue.popleft()
-            self._take(exclusive)
-            fut.set_result(None)
 
 
 class Scheduler(Actor):
@@ -216,7 +152,7 @@ class Scheduler(Actor):
                     await self._step(*redo[0])
                 except PipelineError as exc:
                     attempts += 1
-                    redo = await self._recover(exc, attempts, redo)
+                    redo = await recover(self, exc, attempts, redo)
                     continue
                 redo.pop(0)
             return self._last_loss
@@ -344,144 +280,6 @@ class Scheduler(Actor):
         self._stable = version
         self._history = [h for h in self._history if h[0] > version]
 
-    # -- recovery ----------------------------------------------------------------------------
-
-    async def _recover(self, exc: PipelineError, attempts: int,
-                       redo: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-        """Bring the pipeline back after a failed training step, or raise ``exc``.
-        Returns the batches to run (again)."""
-        if attempts > self.max_recoveries:
-            raise exc
-        mode = await self._heal(exc)
-        if mode == "snapshot":
-            # everything rolled back to the stable version: replay from there
-            assert self._stable is not None
-            return [(x, y) for version, x, y in self._history if version > self._stable]
-        versions = await self._each(lambda dev, ref: ref.alive())
-        if all(v == self.committed + 1 for v in versions.values()):
-            # the commit phase failed after every survivor committed: the step is done
-            self.committed += 1
-            return redo[1:]
-        return redo
-
-    async def _heal(self, exc: PipelineError) -> str:
-        """Replace the devices of lost nodes and restore their state; raises ``exc``
-        when no node was lost (a stage raised: it would raise again) or when the
-        pipeline cannot recover. Returns where the state came from: ``"replica"``,
-        ``"snapshot"`` (every device rolled back to the stable version) or ``"fresh"``
-        (nothing trained yet: a new stage built from the spec is the state)."""
-        fleet = self.fleet
-        if not fleet.can_replace():
-            raise exc
-        lost = await fleet.lost_nodes(self.probe_timeout)
-        if not lost:
-            raise exc
-        started = time.time()
-        old = fleet.plan
-        gone = old.on_nodes(lost)
-        sources = self._sources(old, lost, exc)
-        old_holders = dict(fleet.holders)
-        try:
-            _, moved = await fleet.replace(lost)
-        except PlanError as plan_error:
-            raise PipelineError(f"{exc}; cannot recover: {plan_error}", exc.stage,
-                                exc.replica) from exc
-        modes = {mode for mode, _ in sources.values()}
-        mode = "snapshot" if "snapshot" in modes else "replica" if "replica" in modes \
-            else "fresh"
-        for dev in moved:
-            ref = fleet.refs[dev.key]
-            kind, sibling = sources[dev.key]
-            if mode == "snapshot":
-                holder = old.device(dev.key).holder
-                if kind == "replica" and sibling is not None:
-                    # its snapshot is its sibling's: replicas are bitwise equal
-                    await ref.import_state(await fleet.refs[sibling].snapshot_state(
-                        self._stable))
-                else:
-                    assert holder is not None and self._stable is not None
-                    await ref.fetch(old_holders[holder], fleet.snapshot_key(dev),
-                                    self._stable)
-            elif kind == "replica" and sibling is not None:
-                await ref.import_state(await fleet.refs[sibling].export_state())
-            if kind == "replica" and sibling is not None and self.snapshot_every:
-                # The sibling's snapshots are this device's too (replicas are bitwise
-                # equal): the stable one, and after a rollback-free recovery also the
-                # one taken at the last commit, which the next step pushes.
-                keep = {self._stable} if mode == "snapshot" else {self._stable, self._taken}
-                for version in sorted(v for v in keep if v is not None):
-                    await ref.keep_snapshot(
-                        version, await fleet.refs[sibling].snapshot_state(version))
-        if mode == "snapshot":
-            stable = self._stable
-            assert stable is not None
-            moved_keys = {dev.key for dev in moved}
-            await self._each(lambda dev, ref: ref.restore(stable)
-                             if dev.key not in moved_keys else _done())
-            self.committed = stable
-            self._taken = None
-        if self.snapshot_every and self._stable is not None:
-            await self._rehome(old, moved)
-        record = {
-            "what": "node_lost", "lost": sorted(lost),
-            "stages": sorted({s for dev in gone for s in dev.stages}),
-            "moved_to": sorted({dev.place.node for dev in moved}),
-            "from": mode, "step": self.committed + 1, "start": started,
-            "seconds": time.time() - started, "error": str(exc)}
-        self.recoveries.append(record)
-        if self.node.metrics is not None:
-            self.node.metrics.count_recovery("stage")
-        self._records.append({"step": -1, "what": "recover", "start": started,
-                              "end": time.time(), "devices": []})
-        log.warning("pipeline recovered from the loss of %s in %.2f s: stages %s moved to "
-                    "%s, state from %s", ", ".join(sorted(lost)), record["seconds"],
-                    record["stages"], ", ".join(sorted({d.place.node for d in moved})),
-                    mode)
-        return mode
-
-    def _sources(self, plan: Plan, lost: set[str],
-                 exc: PipelineError) -> dict[Key, tuple[str, Key | None]]:
-        """For each device on a lost node, where its state comes from: a surviving
-        sibling (the same device of another replica), the snapshot, or a fresh build
-        (nothing trained or loaded yet). Raises when none is possible."""
-        sources: dict[Key, tuple[str, Key | None]] = {}
-        for dev in plan.on_nodes(lost):
-            siblings = [other.key for replica in plan.devices for other in replica
-                        if other.index == dev.index and other.place.node not in lost]
-            if siblings:
-                sources[dev.key] = ("replica", siblings[0])
-            elif self.snapshot_every and self._stable is not None:
-                if dev.holder is None or dev.holder in lost:
-                    raise PipelineError(
-                        f"{exc}; cannot recover stage {dev.index}: its node "
-                        f"{dev.place.node} and the node holding its snapshot "
-                        f"{dev.holder or '(none)'} were both lost", exc.stage,
-                        exc.replica) from exc
-                sources[dev.key] = ("snapshot", None)
-            elif self.committed == 0 and not self.loaded:
-                sources[dev.key] = ("fresh", None)
-            else:
-                raise PipelineError(f"{exc}; cannot recover stage {dev.index}: no replica "
-                                    "of it survived and snapshots are off "
-                                    "(Pipeline.start(..., snapshot_every=N))",
-                                    exc.stage, exc.replica) from exc
-        return sources
-
-    async def _rehome(self, old: Plan, moved: Sequence[DevicePlan]) -> None:
-        """After a recovery: the stable snapshot of every device whose holder changed
-        goes to its new holder, from the device's own copy (a moved device that copied
-        a sibling kept the sibling's snapshots as its own)."""
-        stable = self._stable
-        assert stable is not None
-        fleet = self.fleet
-        moved_keys = {dev.key for dev in moved}
-        for dev in fleet.plan.all_devices():
-            if dev.holder is None or (dev.key not in moved_keys and
-                                      dev.holder == old.device(dev.key).holder):
-                continue
-            await fleet.refs[dev.key].push_snapshot(fleet.holders[dev.holder],
-                                                    fleet.snapshot_key(dev), stable)
-
     # -- inference -------------------------------------------------------------------------
 
     async def infer(self, x: Any, cache: str | None = None) -> Any:
@@ -550,12 +348,12 @@ class Scheduler(Actor):
 
         async def call(rows: list[Row]) -> None:
             try:
-                await self._batched_call(rows, rows_of is self._prefills)
+                await batched_call(self, rows, rows_of is self._prefills)
             except Exception as exc:  # a bug: this call's requests fail, the others go on
                 log.exception("a batched %s call failed", queue)
-                _fail(rows, exc)
+                fail(rows, exc)
             except BaseException:
-                _fail(rows, PipelineError("the pipeline stopped", 0))
+                fail(rows, PipelineError("the pipeline stopped", 0))
                 raise
             finally:
                 rows_of.finished(rows)
@@ -579,71 +377,6 @@ class Scheduler(Actor):
         self._loops[queue] = loop_id = secrets.token_hex(8)
         await self.ref.tell("batch_loop", queue, loop_id)
 
-    async def _batched_call(self, rows: list[Row], prefill: bool) -> None:
-        """One prefill call or decode step: the rows of each replica as one batch through
-        that replica's stages; each row gets its result or its own error."""
-        groups: dict[int, list[Row]] = {}
-        for row in rows:
-            if row.done.done():
-                continue  # its caller left meanwhile
-            try:
-                pin = self._check_pin(row.cache)
-            except PipelineError as exc:
-                row.done.set_exception(exc)
-                continue
-            if pin is not None:
-                groups.setdefault(pin.replica, []).append(row)
-            elif prefill:  # a new request: its replica from now on
-                groups.setdefault(self._replica_for(row.cache), []).append(row)
-            else:
-                row.done.set_exception(LookupError(f"request {row.cache} was released"))
-        async with anyio.create_task_group() as tg:
-            for replica, group in groups.items():
-                tg.start_soon(self._batched_group, replica, group, prefill)
-
-    async def _batched_group(self, replica: int, rows: list[Row], prefill: bool) -> None:
-        width = max(row.take for row in rows)
-        # one tensor from lists: a copy per row costs a tenth of a millisecond a step
-        x = torch.tensor([row.chunk + [0] * (width - row.take) for row in rows],
-                         dtype=torch.int64)
-        lengths = [row.take for row in rows] if prefill else None
-        async with self._gate.hold(exclusive=False):
-            try:
-                out, errors = await self._infer(x, [row.cache for row in rows], replica,
-                                                [row.greedy for row in rows], lengths)
-            except PipelineError as exc:
-                failure = exc
-            else:
-                counts = self.batched["prefill" if prefill else "decode"]
-                counts["calls"] += 1
-                counts["rows"] += len(rows)
-                counts["max_rows"] = max(counts["max_rows"], len(rows))
-                tokens = out["tokens"].tolist()
-                logits = iter(out["logits"])
-                for i, row in enumerate(rows):
-                    result = tokens[i] if row.greedy else next(logits)
-                    if row.done.done():
-                        continue
-                    if i in errors:
-                        row.done.set_exception(errors[i])
-                    elif row.offset + row.take == len(row.tokens):  # else: more to come
-                        row.done.set_result(result)
-                return
-        try:
-            await self._mend(failure, 1)
-        except PipelineError:
-            recovered = False  # not a lost node: a stage raised for the whole batch
-        else:
-            recovered = True
-        for row in rows:
-            error = PipelineError(str(failure), failure.stage, failure.replica)
-            error.__cause__ = failure.__cause__
-            if recovered:
-                error.recovered = True
-                self._unpin(row.cache)
-            if not row.done.done():
-                row.done.set_exception(error)
-
     async def _mend(self, failure: PipelineError, attempts: int) -> None:
         """After a failed inference call: heal the pipeline (spares) or take the
         replica that lost a node out of rotation (replicas); raises ``failure`` when no
@@ -655,7 +388,7 @@ class Scheduler(Actor):
             async with self._gate.hold(exclusive=True):
                 # another call may have healed it meanwhile
                 if await self.fleet.lost_nodes(self.probe_timeout):
-                    await self._heal(failure)
+                    await heal(self, failure)
                 self._down.clear()
         else:
             self._down |= {dev.replica for dev in self.plan.on_nodes(lost)}
@@ -769,12 +502,6 @@ class Scheduler(Actor):
                 await ref.tell("release", cache)
 
 
-def _fail(rows: list[Row], error: BaseException) -> None:
-    for row in rows:
-        if not row.done.done():
-            row.done.set_exception(error)
-
-
 class _Pin:
     """Where a cached request's state lives: its replica, and that replica's stage
     actors when it started (a stage replaced since holds none of it)."""
@@ -786,9 +513,6 @@ class _Pin:
         self.refs = refs
         self.lost = False  # part of its state went with a lost node
 
-
-async def _done() -> None:
-    return None
 
 
 def _program(actions: Sequence[Action]) -> list[list[Any]]:

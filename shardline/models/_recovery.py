@@ -1,0 +1,172 @@
+"""How the scheduler brings the pipeline back after nodes were lost.
+
+The lost nodes' devices move to spares (``Fleet.replace``) and get their state from a
+surviving replica of the same stage when there is one (nothing else rolls back),
+otherwise every device rolls back to the stable snapshot and the steps since it are
+replayed from the batches the scheduler kept. Kernels being deterministic, the result
+is bitwise the run that never failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._errors import PipelineError, PlanError
+from ._plan import DevicePlan, Plan
+
+if TYPE_CHECKING:
+    from ._scheduler import Scheduler
+
+__all__ = ["heal", "recover"]
+
+log = logging.getLogger("shardline.models")
+
+Key = tuple[int, int]  # (replica, device)
+
+
+async def recover(s: Scheduler, exc: PipelineError, attempts: int,
+                  redo: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """Bring the pipeline back after a failed training step, or raise ``exc``.
+    Returns the batches to run (again)."""
+    if attempts > s.max_recoveries:
+        raise exc
+    mode = await heal(s, exc)
+    if mode == "snapshot":
+        # everything rolled back to the stable version: replay from there
+        assert s._stable is not None
+        return [(x, y) for version, x, y in s._history if version > s._stable]
+    versions = await s._each(lambda dev, ref: ref.alive())
+    if all(v == s.committed + 1 for v in versions.values()):
+        # the commit phase failed after every survivor committed: the step is done
+        s.committed += 1
+        return redo[1:]
+    return redo
+
+
+async def heal(s: Scheduler, exc: PipelineError) -> str:
+    """Replace the devices of lost nodes and restore their state; raises ``exc``
+    when no node was lost (a stage raised: it would raise again) or when the
+    pipeline cannot recover. Returns where the state came from: ``"replica"``,
+    ``"snapshot"`` (every device rolled back to the stable version) or ``"fresh"``
+    (nothing trained yet: a new stage built from the spec is the state)."""
+    fleet = s.fleet
+    if not fleet.can_replace():
+        raise exc
+    lost = await fleet.lost_nodes(s.probe_timeout)
+    if not lost:
+        raise exc
+    started = time.time()
+    old = fleet.plan
+    gone = old.on_nodes(lost)
+    sources = _sources(s, old, lost, exc)
+    old_holders = dict(fleet.holders)
+    try:
+        _, moved = await fleet.replace(lost)
+    except PlanError as plan_error:
+        raise PipelineError(f"{exc}; cannot recover: {plan_error}", exc.stage,
+                            exc.replica) from exc
+    modes = {mode for mode, _ in sources.values()}
+    mode = "snapshot" if "snapshot" in modes else "replica" if "replica" in modes \
+        else "fresh"
+    for dev in moved:
+        ref = fleet.refs[dev.key]
+        kind, sibling = sources[dev.key]
+        if mode == "snapshot":
+            holder = old.device(dev.key).holder
+            if kind == "replica" and sibling is not None:
+                # its snapshot is its sibling's: replicas are bitwise equal
+                await ref.import_state(await fleet.refs[sibling].snapshot_state(
+                    s._stable))
+            else:
+                assert holder is not None and s._stable is not None
+                await ref.fetch(old_holders[holder], fleet.snapshot_key(dev),
+                                s._stable)
+        elif kind == "replica" and sibling is not None:
+            await ref.import_state(await fleet.refs[sibling].export_state())
+        if kind == "replica" and sibling is not None and s.snapshot_every:
+            # The sibling's snapshots are this device's too (replicas are bitwise
+            # equal): the stable one, and after a rollback-free recovery also the
+            # one taken at the last commit, which the next step pushes.
+            keep = {s._stable} if mode == "snapshot" else {s._stable, s._taken}
+            for version in sorted(v for v in keep if v is not None):
+                await ref.keep_snapshot(
+                    version, await fleet.refs[sibling].snapshot_state(version))
+    if mode == "snapshot":
+        stable = s._stable
+        assert stable is not None
+        moved_keys = {dev.key for dev in moved}
+        await s._each(lambda dev, ref: ref.restore(stable)
+                         if dev.key not in moved_keys else _done())
+        s.committed = stable
+        s._taken = None
+    if s.snapshot_every and s._stable is not None:
+        await _rehome(s, old, moved)
+    record = {
+        "what": "node_lost", "lost": sorted(lost),
+        "stages": sorted({s for dev in gone for s in dev.stages}),
+        "moved_to": sorted({dev.place.node for dev in moved}),
+        "from": mode, "step": s.committed + 1, "start": started,
+        "seconds": time.time() - started, "error": str(exc)}
+    s.recoveries.append(record)
+    if s.node.metrics is not None:
+        s.node.metrics.count_recovery("stage")
+    s._records.append({"step": -1, "what": "recover", "start": started,
+                          "end": time.time(), "devices": []})
+    log.warning("pipeline recovered from the loss of %s in %.2f s: stages %s moved to "
+                "%s, state from %s", ", ".join(sorted(lost)), record["seconds"],
+                record["stages"], ", ".join(sorted({d.place.node for d in moved})),
+                mode)
+    return mode
+
+
+def _sources(s: Scheduler, plan: Plan, lost: set[str],
+             exc: PipelineError) -> dict[Key, tuple[str, Key | None]]:
+    """For each device on a lost node, where its state comes from: a surviving
+    sibling (the same device of another replica), the snapshot, or a fresh build
+    (nothing trained or loaded yet). Raises when none is possible."""
+    sources: dict[Key, tuple[str, Key | None]] = {}
+    for dev in plan.on_nodes(lost):
+        siblings = [other.key for replica in plan.devices for other in replica
+                    if other.index == dev.index and other.place.node not in lost]
+        if siblings:
+            sources[dev.key] = ("replica", siblings[0])
+        elif s.snapshot_every and s._stable is not None:
+            if dev.holder is None or dev.holder in lost:
+                raise PipelineError(
+                    f"{exc}; cannot recover stage {dev.index}: its node "
+                    f"{dev.place.node} and the node holding its snapshot "
+                    f"{dev.holder or '(none)'} were both lost", exc.stage,
+                    exc.replica) from exc
+            sources[dev.key] = ("snapshot", None)
+        elif s.committed == 0 and not s.loaded:
+            sources[dev.key] = ("fresh", None)
+        else:
+            raise PipelineError(f"{exc}; cannot recover stage {dev.index}: no replica "
+                                "of it survived and snapshots are off "
+                                "(Pipeline.start(..., snapshot_every=N))",
+                                exc.stage, exc.replica) from exc
+    return sources
+
+
+async def _rehome(s: Scheduler, old: Plan, moved: Sequence[DevicePlan]) -> None:
+    """After a recovery: the stable snapshot of every device whose holder changed
+    goes to its new holder, from the device's own copy (a moved device that copied
+    a sibling kept the sibling's snapshots as its own)."""
+    stable = s._stable
+    assert stable is not None
+    fleet = s.fleet
+    moved_keys = {dev.key for dev in moved}
+    for dev in fleet.plan.all_devices():
+        if dev.holder is None or (dev.key not in moved_keys and
+                                  dev.holder == old.device(dev.key).holder):
+            continue
+        await fleet.refs[dev.key].push_snapshot(fleet.holders[dev.holder],
+                                                fleet.snapshot_key(dev), stable)
+
+
+async def _done() -> None:
+    """Nothing to do, as an awaitable (for ``Scheduler._each``)."""
+
