@@ -9,6 +9,7 @@ from ``shardline.tensors``), so this module imports neither.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ __all__ = [
     "EXT_PACKED",
     "EXT_REF",
     "EXT_TENSOR",
+    "ANY_SENDER",
     "Codec",
     "Decoder",
     "Encoder",
@@ -37,6 +39,7 @@ __all__ = [
     "packb",
     "register_decoder",
     "register_ext",
+    "release_unviewed",
 ]
 
 EXT_NDARRAY = 1
@@ -120,12 +123,20 @@ def _encode_ndarray(arr: np.ndarray[Any, Any], buffers: list[Any]) -> bytes:
     return packb([arr.dtype.str, shape, len(buffers) - 1])
 
 
-class _Incoming(list[Any]):
-    """The buffer frames of the message being decoded, and the node's frame limit
-    (which shared-memory buffers obey too)."""
+# ``shm_from`` when the sender is not known: any process of this host may be named.
+ANY_SENDER = -1
 
-    __slots__ = ("max_frame_size",)
+
+class _Incoming(list[Any]):
+    """The buffer frames of the message being decoded, the node's frame limit (which
+    shared-memory buffers obey too), the process whose segments the message may name
+    (``shm_from``: its token, None for none, ``ANY_SENDER``), and the segments it has
+    viewed so far (``viewed``: the rest must be given back if the decode fails)."""
+
+    __slots__ = ("max_frame_size", "shm_from", "viewed")
     max_frame_size: int
+    shm_from: int | None
+    viewed: list[tuple[int, int]] | None
 
 
 def _is_uint(value: Any) -> bool:
@@ -137,13 +148,27 @@ def _shm_buffer(what: str, where: list[Any], buffers: Sequence[Any]) -> Any:
         raise ProtocolError(f"{what} names shared memory as {where!r:.100}; expected "
                             "[process, segment, offset, nbytes]")
     proc, seg, offset, nbytes = where
+    # Only the sender's own segments: a view of another process's segment would show
+    # the sender that process's data, and its release would let that process reuse the
+    # segment while this one's own tensor still maps it.
+    sender = getattr(buffers, "shm_from", ANY_SENDER)
+    if sender != ANY_SENDER and proc != sender:
+        source = "did not offer shared memory" if sender is None else \
+            f"is process {sender:016x}"
+        raise ProtocolError(f"{what} names shared memory of process {proc:016x}, but its "
+                            f"sender {source}")
     limit = getattr(buffers, "max_frame_size", 1 << 30)
     if nbytes > limit:
         raise ProtocolError(f"{what} of {nbytes} bytes in shared memory is over the frame "
                             f"limit of {limit}")
     from ._exchange import exchange
 
-    return exchange().view(proc, seg, offset, nbytes)
+    buf = exchange().view(proc, seg, offset, nbytes)
+    if type(buffers) is _Incoming:
+        if buffers.viewed is None:
+            buffers.viewed = []
+        buffers.viewed.append((proc, seg))
+    return buf
 
 
 def descriptor_buffer(what: str, shape: Any, index: Any, itemsize: int,
@@ -169,6 +194,46 @@ def descriptor_buffer(what: str, shape: Any, index: Any, itemsize: int,
         raise ProtocolError(f"{what} of shape {shape!r:.100} needs {needed} bytes, but its "
                             f"frame holds {nbytes}")
     return buf
+
+
+def release_unviewed(header: Any, shm_from: int | None = ANY_SENDER,
+                     viewed: Sequence[tuple[int, int]] | None = None) -> None:
+    """Give back the segments a message names but this process never viewed (it was
+    refused, or failed to decode before reaching them): their lender waits for a
+    release that no view's finalizer will send, and would hold them until this
+    process ends. Best effort: a header that is not msgpack names nothing."""
+    from ._exchange import current_exchange
+
+    ex = current_exchange()
+    if ex is None or shm_from is None or not ex.has_received():
+        return
+    named: list[tuple[int, int]] = []
+
+    def collect(code: int, payload: bytes) -> None:
+        places = _WHERE_AT.get(code)
+        if places:
+            with contextlib.suppress(Exception):
+                fields = msgpack.unpackb(payload)
+                for i in places:
+                    where = fields[i]
+                    if isinstance(where, list) and len(where) == 4 and \
+                            all(_is_uint(v) for v in where):
+                        named.append((where[0], where[1]))
+
+    with contextlib.suppress(Exception):
+        msgpack.unpackb(header, ext_hook=collect, raw=False, strict_map_key=False,
+                        timestamp=0)
+    left = list(viewed or ())
+    for proc, seg in named:
+        if (proc, seg) in left:
+            left.remove((proc, seg))  # that view's finalizer releases it
+        elif shm_from == ANY_SENDER or proc == shm_from:
+            ex.decline(proc, seg)
+
+
+# Where each kind of payload names its buffers: ``[dtype, shape, where]`` (arrays,
+# tensors), ``[scheme, dtype, shape, data, scales]`` (packed tensors).
+_WHERE_AT = {EXT_NDARRAY: (2,), EXT_TENSOR: (2,), EXT_PACKED: (3, 4)}
 
 
 def _decode_ndarray(payload: bytes, buffers: Sequence[Any]) -> np.ndarray[Any, Any]:
@@ -323,26 +388,35 @@ class Codec:
 
     # -- decoding --------------------------------------------------------------
 
-    def decode(self, header: Any, frames: Sequence[Any]) -> dict[str, Any]:
+    def decode(self, header: Any, frames: Sequence[Any],
+               shm_from: int | None = ANY_SENDER) -> dict[str, Any]:
         """Decode a received header; ``frames`` are the buffer frames that followed it.
+        ``shm_from``: the shared-memory token of the process that sent it (None: it
+        offered none), whose segments alone the message may name.
 
-        Anything malformed raises ``ProtocolError``; nothing else escapes.
+        Anything malformed raises ``ProtocolError``; nothing else escapes. Segments a
+        message that failed lent this process are given back to their lender.
         """
-        if len(header) > self.max_header_size:
-            raise ProtocolError(
-                f"header of {len(header)} bytes is over the limit of {self.max_header_size}")
         incoming = _Incoming(frames) if frames else self._no_frames
         incoming.max_frame_size = self.max_frame_size
+        incoming.shm_from = shm_from
+        incoming.viewed = None
         self._frames = incoming
         try:
+            if len(header) > self.max_header_size:
+                raise ProtocolError(f"header of {len(header)} bytes is over the limit of "
+                                    f"{self.max_header_size}")
             msg = msgpack.unpackb(header, ext_hook=self._ext_hook, raw=False,
                                   strict_map_key=False, timestamp=0)
         except ProtocolError:
+            release_unviewed(header, shm_from, incoming.viewed)
             raise
         except Exception as exc:
+            release_unviewed(header, shm_from, incoming.viewed)
             raise ProtocolError(f"malformed header: {type(exc).__name__}: {exc}") from None
         finally:
             self._frames = ()
+            incoming.viewed = None
         if not isinstance(msg, dict):
             raise ProtocolError(f"header must be a map, got {type(msg).__name__}")
         return msg

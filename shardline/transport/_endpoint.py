@@ -22,12 +22,13 @@ from anyio.abc import TaskGroup
 
 from .._errors import NodeLost, ProtocolError, ShardlineError, Unauthorized
 from ._address import is_loopback, parse_tcp, primary_address, split_key, with_key
-from ._codec import Codec
+from ._codec import Codec, release_unviewed
 from ._curve import KeyPair
 from ._exchange import Link, exchange, poll_exchange
 from ._loopsock import LoopSocket
 from ._outgoing import Outgoing
 from ._peer import Peer
+from ._shmsock import is_id
 from ._wire import PROTOCOL_VERSION, Limits, error_to_wire, salvage_id
 
 __all__ = ["Endpoint", "Reply", "RequestHandler"]
@@ -36,6 +37,9 @@ log = logging.getLogger("shardline.transport")
 
 # Client connections whose shared-memory link a node remembers (oldest forgotten first).
 _MAX_SHM_ROUTES = 4096
+# Client connections whose shared-memory token a node remembers (a client forgotten
+# here has its shared-memory buffers refused, so far more than links).
+_MAX_SHM_PROCS = 1 << 16
 
 
 class Reply:
@@ -138,6 +142,9 @@ class Endpoint:
         # route -> shared memory toward that client's process, when its hello said it
         # runs on this host (its replies' large buffers go there).
         self.shm_links: dict[bytes, Link] = {}
+        # route -> the shared-memory token its hello announced: the only process whose
+        # segments that client's messages may name.
+        self.shm_procs: dict[bytes, int] = {}
         self._closed = False
 
     # -- sockets -------------------------------------------------------------------
@@ -250,21 +257,26 @@ class Endpoint:
 
     def _on_request(self, frames: list[Any]) -> None:
         route = frames[0]
-        outgoing = self._outgoing
-        if outgoing is not None and outgoing.is_dropped(route):
-            return  # a client dropped for not reading its replies is not served again
         if len(frames) < 2:
             log.warning("dropped a message with no header")
             return
         header = frames[1]
+        shm_from = self.shm_procs.get(route)
+        outgoing = self._outgoing
+        if outgoing is not None and outgoing.is_dropped(route):
+            # A client dropped for not reading its replies is not served again; what
+            # it lent for the message goes back.
+            release_unviewed(header, shm_from)
+            return
         if len(frames) - 2 > self.limits.max_frames:
+            release_unviewed(header, shm_from)
             self._refuse(route, header, ProtocolError(
                 f"message has {len(frames) - 2} buffer frames, over the limit of "
                 f"{self.limits.max_frames}"))
             return
         try:
             msg = self.codec.decode(header, [f.buffer for f in frames[2:]]
-                                    if len(frames) > 2 else [])
+                                    if len(frames) > 2 else [], shm_from)
         except ProtocolError as exc:
             self._refuse(route, header, exc)
             return
@@ -295,6 +307,11 @@ class Endpoint:
             shm = self.shm_info() if "shm" in msg else None
             if shm is not None:
                 answer["shm"] = shm
+                proc = msg["shm"].get("proc") if isinstance(msg["shm"], dict) else None
+                if proc is not None and is_id(proc):
+                    if len(self.shm_procs) >= _MAX_SHM_PROCS:
+                        del self.shm_procs[next(iter(self.shm_procs))]
+                    self.shm_procs[route] = proc
                 link = exchange().link_to(msg["shm"])
                 if link is not None:
                     if len(self.shm_links) >= _MAX_SHM_ROUTES:

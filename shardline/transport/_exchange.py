@@ -64,9 +64,14 @@ from ._shmsock import (
     socket_name,
 )
 
-__all__ = ["Exchange", "Link", "exchange", "poll_exchange", "size_class", "socket_name"]
+__all__ = ["Exchange", "Link", "current_exchange", "exchange", "poll_exchange", "size_class",
+           "socket_name"]
 
 log = logging.getLogger("shardline.transport")
+
+# How long the segments of a lender that died stay nameable (at most IDLE_S, so that
+# ``release_idle`` forgets them at once).
+ORPHAN_S = 5.0
 
 
 class Exchange:
@@ -96,6 +101,7 @@ class Exchange:
         self._user_starts: list[int] = []           # user segments by address
         self._user: dict[int, Segment] = {}
         self._dropped: deque[Received] = deque()
+        self._orphans: deque[tuple[float, Lender]] = deque()  # (forget at, dead lender)
         self._retired: deque[Segment] = deque()
         self._abandoned = False  # a forked child's copy
 
@@ -235,6 +241,9 @@ class Exchange:
             start = seg.mapping.address
             if address + nbytes > start + seg.size or not self._hand(link, seg):
                 return None
+            # Kept until the receiver released this view: dropped here first, it would
+            # be forgotten there before the message naming it is read.
+            seg.out[link] = seg.out.get(link, 0) + 1
         return [self.proc, seg.id, address - start, nbytes]
 
     def keep(self, link: Link, obj: Any) -> int:
@@ -247,8 +256,24 @@ class Exchange:
     def unlend(self, placed: list[tuple[Link, int]]) -> None:
         """Frames that were never sent: their segments and tokens are free again."""
         with self._locked():
-            for _, ident in placed:
-                self._released(ident)
+            for link, ident in placed:
+                if ident in self._lent:
+                    self._released(ident)
+                else:
+                    self._shared_back(link, ident, 1)
+
+    def _shared_back(self, link: Link, seg_id: int, n: int) -> None:
+        """``n`` views of user segment ``seg_id`` sent to ``link`` were released."""
+        seg = self._segments.get(seg_id)
+        if seg is None or seg.pooled or link not in seg.out:
+            return
+        left = seg.out[link] - n
+        if left > 0:
+            seg.out[link] = left
+            return
+        del seg.out[link]
+        if seg.dropped and not seg.out:
+            self._retire(seg)
 
     def allocate(self, nbytes: int) -> Any:
         """A writable buffer of ``nbytes`` in a segment of its own, which lives as long
@@ -313,10 +338,18 @@ class Exchange:
     def _trim(self, now: float) -> None:
         for seg in self._pool.expired(now):
             self._retire(seg)
+        if self._orphans:
+            self._bury(now)
 
     def _retire_later(self, seg: Segment) -> None:
         self._retired.append(seg)  # a finalizer: any thread, maybe inside a locked section
         self._try_flush()
+
+    def _user_dropped(self, seg: Segment) -> None:
+        """A user segment's own buffer is garbage: retire it once no view sent is out."""
+        seg.dropped = True
+        if not seg.out:
+            self._retire(seg)
 
     def _retire(self, seg: Segment) -> None:
         for link in seg.holders:
@@ -362,6 +395,21 @@ class Exchange:
                 lender = self._lender_of(proc)
             if lender is not None:
                 self._send_later(lender, [RELEASE, token, 1])
+
+    def decline(self, proc: int, seg_id: int) -> None:
+        """Segment ``seg_id`` of process ``proc`` was named by a message this process
+        refused, so no view of it was made: release it as a dropped view would."""
+        with self._locked():
+            rec = self._received.get((proc, seg_id))
+            if rec is None:
+                self._read_lenders()
+                rec = self._received.get((proc, seg_id))
+            if rec is not None and rec.lender.alive:
+                self._send_later(rec.lender, [RELEASE, seg_id, 1])
+
+    def has_received(self) -> bool:
+        """Whether any process lent this one a segment it still knows (cheap)."""
+        return bool(self._received) or bool(self._lenders)
 
     def _lender_of(self, proc: int) -> Lender | None:
         for lender in self._lenders:
@@ -409,7 +457,7 @@ class Exchange:
                 if lender.alive:
                     self._send_later(lender, [RELEASE, seg, n])
         while self._retired:
-            self._retire(self._retired.popleft())
+            self._user_dropped(self._retired.popleft())
         for conn in (*self._links.values(), *self._lenders):
             if conn.unsent and conn.alive:
                 self._send_queued(conn)
@@ -502,16 +550,26 @@ class Exchange:
             raise ValueError(f"unexpected message {msg!r:.80} with {len(fds)} descriptors")
 
     def _lender_gone(self, lender: Lender) -> None:
-        """Its process ended: what we mapped stays valid while our views live."""
+        """Its process ended: what we mapped stays valid while our views live, and
+        stays nameable for ``ORPHAN_S``: messages it sent just before it died may still
+        be queued here, and their data is intact."""
         lender.alive = False
         lender.sock.close()
         if lender in self._lenders:
             self._lenders.remove(lender)
-        for seg in lender.segments:
-            rec = self._received.pop((lender.proc or 0, seg), None)
-            if rec is not None:
-                self._forget(rec)
-        lender.segments.clear()
+        if lender.segments:
+            self._orphans.append((time.monotonic() + ORPHAN_S, lender))
+
+    def _bury(self, now: float) -> None:
+        """Forget the segments of lenders dead for ``ORPHAN_S``."""
+        while self._orphans and self._orphans[0][0] <= now:
+            lender = self._orphans.popleft()[1]
+            for seg in lender.segments:
+                rec = self._received.get((lender.proc or 0, seg))
+                if rec is not None and rec.lender is lender:
+                    del self._received[(lender.proc or 0, seg)]
+                    self._forget(rec)
+            lender.segments.clear()
 
     def _read_links(self) -> None:
         for link in list(self._links.values()):
@@ -530,8 +588,11 @@ class Exchange:
                 except (ValueError, TypeError, msgpack.UnpackException) as exc:
                     log.warning("dropped a bad shared-memory message: %s", exc)
                     continue
-                if msg[0] == RELEASE and len(msg) == 3 and msg[1] in link.lent:
-                    self._released(msg[1])
+                if msg[0] == RELEASE and len(msg) == 3:
+                    if msg[1] in link.lent:
+                        self._released(msg[1])
+                    else:
+                        self._shared_back(link, msg[1], msg[2])
                 elif msg[0] == HELLO and not link.confirmed:
                     link.proc, link.gpus, link.confirmed = msg[1], msg[2], True
 
@@ -544,8 +605,10 @@ class Exchange:
                 del self._links[name]
         for ident in list(link.lent):
             self._released(ident)
-        for seg in self._segments.values():
+        for seg in list(self._segments.values()):
             seg.holders.discard(link)
+            if seg.out.pop(link, None) is not None and seg.dropped and not seg.out:
+                self._retire(seg)
 
     def abandon(self) -> None:
         """In a forked child: close the descriptors inherited from the parent's exchange
@@ -615,6 +678,12 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def current_exchange() -> Exchange | None:
+    """This process's exchange if it has made one (never makes one)."""
+    ex = _EXCHANGE
+    return ex if ex is not None and ex.pid == os.getpid() else None
 
 
 def poll_exchange() -> None:

@@ -19,6 +19,7 @@ from ._codec import describe
 from ._exchange import Link, exchange
 from ._loopsock import LoopSocket
 from ._placement import message_size
+from ._shmsock import is_id
 from ._wire import PROTOCOL_VERSION, error_from_wire, salvage_id
 
 if TYPE_CHECKING:
@@ -72,6 +73,9 @@ class Peer:
         # Shared memory toward the node, when its process is on this host (the hello
         # says): large buffers then go through it instead of the TCP connection.
         self.shm: Link | None = None
+        # The node's shared-memory token (its hello says): the only process whose
+        # segments its replies may name.
+        self.shm_proc: int | None = None
         self._established = False  # a ZMTP handshake succeeded
         # Set during a reconnect: a refused connection then means the node is gone,
         # while a first connect waits (the node may still be starting).
@@ -184,7 +188,7 @@ class Peer:
             buffers = [f.buffer for f in frames[1:]]
             self.bytes_received += len(header) + sum(b.nbytes for b in buffers)
         try:
-            msg = self.endpoint.codec.decode(header, buffers)
+            msg = self.endpoint.codec.decode(header, buffers, self.shm_proc)
         except ProtocolError as exc:
             rid = salvage_id(header)
             fut = self.pending.pop(rid, None) if rid is not None else None
@@ -261,7 +265,10 @@ class Peer:
         # what the node says about itself (host, pid, devices): the layers above read it
         self.info = info.get("info")
         if shm is not None:
-            self.shm = exchange().link_to(info.get("shm"))
+            theirs = info.get("shm")
+            proc = theirs.get("proc") if isinstance(theirs, dict) else None
+            self.shm_proc = proc if is_id(proc) else None
+            self.shm = exchange().link_to(theirs)
         self._refused_is_lost = False
 
     def _stop_monitor(self) -> None:

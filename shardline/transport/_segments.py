@@ -26,7 +26,8 @@ class Segment:
     """A memfd of this process and its mapping: pooled (frames are copied into it) or
     a user's (``shared_empty``: a tensor lives in it and travels without a copy)."""
 
-    __slots__ = ("fd", "holders", "id", "idle_since", "mapping", "pooled", "size")
+    __slots__ = ("dropped", "fd", "holders", "id", "idle_since", "mapping", "out", "pooled",
+                 "size")
 
     def __init__(self, seg_id: int, size: int, *, pooled: bool) -> None:
         self.fd = new_memfd(size)
@@ -40,6 +41,10 @@ class Segment:
         self.pooled = pooled
         self.holders: set[Any] = set()  # connections whose process has the descriptor
         self.idle_since = 0.0
+        # A user segment: views sent to each connection and not yet released (it is
+        # retired only once none is left and its own buffer is ``dropped``).
+        self.out: dict[Any, int] = {}
+        self.dropped = False
 
     def close(self) -> None:
         self.mapping.unmap()
