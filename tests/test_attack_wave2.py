@@ -213,10 +213,6 @@ def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=True, reason=(
-    "models/_scheduler.py Scheduler._rehome gives a stage moved from its sibling only "
-    "the stable snapshot; the snapshot taken at the last commit (_taken) is then pushed "
-    "from it and fails with LookupError"))
 async def test_replicas_with_snapshots_recover_from_a_lost_stage_and_go_on() -> None:
     data = _batches(4)
     spec = LayerSpec("tests.models_fixtures:layers", {"n": 6, "slow": 0.0}, 6)
