@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shardline.models._snapshot import SnapshotHolder, in_shared_memory
+from shardline.models._snapshot import SnapshotHolder, in_shared_memory, pack, unpack
 from tests.shm_fixtures import in_segment
 
 
@@ -33,3 +33,23 @@ def test_a_holder_never_reuses_what_it_was_sent() -> None:
     holder.put("s0", 2, state)  # drops version 1: it must not become capture buffers
     assert holder._stages["s0"].spare() is None
     assert holder.get("s0", 2)["owned"] is False
+
+
+def test_a_packed_state_is_one_tensor_and_unpacks_to_the_same_views() -> None:
+    model = {"w": torch.randn(4, 3), "b": torch.randn(3).half()}
+    opt = {"tensors": {"w::exp_avg": torch.randn(4, 3)}, "groups": [{"lr": 0.5}]}
+    state = in_shared_memory({"model": model, "opt": opt, "version": 2, "owned": True})
+    packed = pack(state)
+    tensors = [v for v in packed.values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) == 1 and packed["version"] == 2 and packed["owned"] is True
+    back = unpack(packed)
+    assert back["opt"]["groups"] == [{"lr": 0.5}] and back["version"] == 2
+    for part, want in (("model", model), ("opt", opt["tensors"])):
+        got = back[part] if part == "model" else back["opt"]["tensors"]
+        assert got.keys() == want.keys()
+        for k, t in want.items():
+            assert got[k].dtype == t.dtype and torch.equal(got[k], t)
+            assert got[k].data_ptr() == (state[part] if part == "model"
+                                         else state["opt"]["tensors"])[k].data_ptr()
+    plain = {"model": {"w": torch.ones(1)}, "opt": {"tensors": {}, "groups": []}}
+    assert pack(plain) is plain and unpack(plain) is plain

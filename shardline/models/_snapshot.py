@@ -14,14 +14,15 @@ outlives the stage's process as long as the holder maps it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from .. import Actor
-from ..tensors import shared_empty
+from ..tensors import dtype_by_name, shared_empty
 
-__all__ = ["SnapshotHolder", "Versions", "in_shared_memory"]
+__all__ = ["SnapshotHolder", "Versions", "in_shared_memory", "pack", "unpack"]
 
 State = dict[str, Any]
 
@@ -113,24 +114,54 @@ def in_shared_memory(state: State) -> State:
     """``state`` (model and optimizer tensors) copied into one shared-memory segment,
     each tensor a 64-byte aligned view of it; everything else as it is.
 
-    One segment rather than one per tensor: sending it to a process on this host then
-    costs a descriptor per tensor and one segment handed over, not hundreds of frames,
-    and later captures copy into the same views (``Versions.spare``)."""
+    One segment rather than one per tensor: it travels as one tensor (``pack``), which a
+    process on this host maps instead of receiving hundreds of frames, and later
+    captures copy into the same views (``Versions.spare``). ``segment`` names it."""
     tensors = [t for part in ("model", "opt") for t in _tensors(state[part]).values()]
     offsets, total = [], 0
     for t in tensors:
         offsets.append(total)
         total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
     arena = shared_empty(max(total, 1), torch.uint8)
-    placed: dict[int, torch.Tensor] = {}
-    for t, offset in zip(tensors, offsets, strict=True):
-        nbytes = t.numel() * t.element_size()
-        view = arena[offset:offset + nbytes].view(t.dtype).view(t.shape)
-        placed[id(t)] = view.copy_(t)
-    out = dict(state)
-    out["model"] = {k: placed[id(t)] for k, t in state["model"].items()}
-    out["opt"] = {**state["opt"],
-                  "tensors": {k: placed[id(t)] for k, t in state["opt"]["tensors"].items()}}
+    where = {id(t): offset for t, offset in zip(tensors, offsets, strict=True)}
+    layout = [[part, key, str(t.dtype).removeprefix("torch."), list(t.shape), where[id(t)]]
+              for part in ("model", "opt") for key, t in _tensors(state[part]).items()]
+    out = unpack({"arena": arena, "layout": layout, "groups": state["opt"]["groups"]})
+    for part in ("model", "opt"):
+        for key, t in _tensors(state[part]).items():
+            _tensors(out[part])[key].copy_(t)
+    out.update({k: v for k, v in state.items() if k not in ("model", "opt")})
+    out["segment"] = [arena, layout]
+    return out
+
+
+def pack(state: State) -> State:
+    """``state`` as it travels: one segment and where each tensor lies in it, when it
+    was captured into one (a message with one tensor, not hundreds: each costs its
+    encoding and decoding on busy processes); otherwise as it is."""
+    segment = state.get("segment")
+    if segment is None:
+        return state
+    packed = {k: v for k, v in state.items() if k not in ("model", "opt", "segment")}
+    packed.update({"arena": segment[0], "layout": segment[1],
+                   "groups": state["opt"]["groups"]})
+    return packed
+
+
+def unpack(state: State) -> State:
+    """The tensors of a ``pack``ed state as views of its segment (a state that was not
+    packed as it is)."""
+    if "layout" not in state:
+        return state
+    arena: torch.Tensor = state["arena"]
+    out: State = {k: v for k, v in state.items() if k not in ("arena", "layout", "groups")}
+    out["model"] = {}
+    out["opt"] = {"tensors": {}, "groups": state["groups"]}
+    for part, key, dtype, shape, offset in state["layout"]:
+        dt = dtype_by_name(dtype)
+        nbytes = math.prod(shape) * dt.itemsize
+        view = arena[offset:offset + nbytes].view(dt).view(shape)
+        _tensors(out[part])[key] = view
     return out
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ActorRef
 from ._device import Device
-from ._snapshot import State, Versions, in_shared_memory
+from ._snapshot import State, Versions, in_shared_memory, pack, unpack
 
 __all__ = ["StageState", "settle"]
 
@@ -148,6 +148,8 @@ class StageState:
         else:
             state = {"model": self._state_dict(into["model"]),
                      "opt": self._optimizer_state(into["opt"]["tensors"])}
+            if _filled(state, into):
+                state["segment"] = into["segment"]
         state["version"] = self.version
         state["owned"] = True
         return state
@@ -173,10 +175,11 @@ class StageState:
 
     def snapshot_state(self, version: int) -> State:
         """Local snapshot ``version`` (for a sibling replica that needs it too)."""
-        return self._snapshots.get(version)
+        return pack(self._snapshots.get(version))
 
     def keep_snapshot(self, version: int, state: State) -> None:
-        self._snapshots.put(version, {**state, "owned": False})  # not ours to overwrite
+        # not ours to overwrite
+        self._snapshots.put(version, {**unpack(state), "owned": False})
 
     def snapshots(self) -> list[int]:
         """Versions this stage keeps in its own memory."""
@@ -184,7 +187,7 @@ class StageState:
 
     async def push_snapshot(self, holder: ActorRef, key: str, version: int) -> int:
         """Send local snapshot ``version`` to ``holder`` (on another node)."""
-        state = self._snapshots.get(version)
+        state = pack(self._snapshots.get(version))
         result: int = await holder.put(key, version, state)
         return result
 
@@ -197,19 +200,30 @@ class StageState:
     async def fetch(self, holder: ActorRef, key: str, version: int) -> int:
         """Restore snapshot ``version`` from ``holder`` (this stage's node is new), and
         keep it as a local version too."""
-        state = await holder.get(key, version)
+        state = unpack(await holder.get(key, version))
         await self._on_device(functools.partial(self._restore, state))
         self._snapshots.put(version, {**state, "owned": False})  # not ours to overwrite
         return self.version
 
     async def export_state(self) -> State:
         """The current state, for a new copy of this stage (a replica's sibling)."""
-        return await self._on_device(self._capture)
+        return pack(await self._on_device(self._capture))
 
     async def import_state(self, state: State) -> int:
-        await self._on_device(functools.partial(self._restore, state))
+        """Take ``state`` (``export_state`` or ``snapshot_state`` of a sibling)."""
+        await self._on_device(functools.partial(self._restore, unpack(state)))
         return self.version
 
+
+def _filled(state: State, into: State) -> bool:
+    """Whether every tensor of ``state`` is the one of ``into`` it was copied into (so
+    all of them still lie in ``into``'s segment)."""
+    if "segment" not in into:
+        return False
+    pairs = [(state["model"], into["model"]),
+             (state["opt"]["tensors"], into["opt"]["tensors"])]
+    return all(len(new) == len(old) and all(t is old.get(k) for k, t in new.items())
+               for new, old in pairs)
 
 
 def _copy(value: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
