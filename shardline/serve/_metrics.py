@@ -42,6 +42,13 @@ class ServeMetrics:
             "shardline_serve_connections_closed",
             "HTTP connections the server closed on a limit", ["reason"],
             registry=self.registry)
+        self.recoveries = Counter(
+            "shardline_recoveries",
+            "Recoveries: what='worker', a lost worker process restarted; what='stage', "
+            "the pipeline stages it held rebuilt on a worker", ["what"],
+            registry=self.registry)
+        for what in ("worker", "stage"):
+            self.recoveries.labels(what)  # shown at 0 before the first
         self._pipe: Pipeline | None = None
 
     def watch(self, queue: Any, pipe: Pipeline) -> None:
