@@ -13,7 +13,11 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+import torch
 
+import shardline as sl
+from shardline.models import LayerSpec, Pipeline
+from shardline.serve import Recovery, ServeMetrics
 from tests.serve_fixtures import Server, sse, unavailable_properly
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
@@ -111,5 +115,35 @@ def test_a_stream_goes_on_through_a_kill_with_the_same_tokens(tmp_path: Path) ->
         assert got == "".join(e["choices"][0]["text"] for e in sse(undisturbed))
         assert s.recoveries("stage") == 1
         assert s.errors() == []
+        assert "untrained" in s.log.read_text()  # plain `--model gpt` says what it is
     finally:
         s.close()
+
+
+async def test_a_busy_pipeline_is_healthy_and_a_silent_one_is_not() -> None:
+    """The health check's call may wait behind a saturating load; it is excused when
+    real calls got through every stage meanwhile, and only then."""
+    spec = LayerSpec("tests.models_fixtures:layers", {"n": 2}, 2)
+    async with sl.Node() as node:
+        pipe = await Pipeline.start(node, spec, stages=1)
+        stuck = anyio.Event()  # a health call that waits behind everything, for good
+
+        async def probe() -> None:
+            await stuck.wait()
+
+        recovery = Recovery("m", pipe, ServeMetrics(), probe)
+        async with recovery:
+            with pytest.raises(TimeoutError):
+                await recovery.check(0.3)  # nothing else got through: not healthy
+            async with anyio.create_task_group() as tg:
+                async def busy() -> None:
+                    while not stuck.is_set():
+                        await pipe(torch.randn(4, 8))
+                        recovery.progress()
+                        await anyio.sleep(0.01)
+
+                tg.start_soon(busy)
+                await recovery.check(0.3)  # slow, but the pipeline is moving: healthy
+                stuck.set()
+            await recovery.check(0.3)  # the call itself came back
+        await pipe.stop()
