@@ -166,8 +166,8 @@ class Recovery:
     async def _replace(self, node: RemoteNode, ended: WorkerExit) -> None:
         assert self.cluster is not None
         noticed, since = time.time(), self._lost[node.address]
-        log.warning("worker %s (pid %d) %s; replacing it", node.address, ended.pid,
-                    ended.cause)
+        log.info("worker %s (pid %d) %s; replacing it", node.address, ended.pid,
+                 ended.cause)
         try:
             new = await self.cluster.replacement(node, timeout=self.restart_timeout)
         except (ShardlineError, TimeoutError) as exc:
