@@ -16,7 +16,8 @@ server's event-loop lag p99 (from its /metrics), throughput. A JSON line every m
 
 ``--kill-every S`` SIGKILLs a random worker every S seconds (off by default): the server
 restarts it and rebuilds its stage, and requests in the gap get 503 with Retry-After
-(counted apart: ``503_retry_after``; any other 5xx is a failure). The JSON lines then
+(counted apart: ``503_retry_after``; a 503 outside a gap, /healthz's included, or any
+other 5xx is a failure). The JSON lines then
 say how long each kill took to heal (kill to /healthz 200) and what the recoveries
 counters say; a restarted worker's memory is measured from its own start.
 """
@@ -109,6 +110,7 @@ class Soak:
         self.texts_embedded = 0
         self.kills = 0
         self.healed_s: list[float] = []  # kill to /healthz 200, each kill
+        self.healing = False  # from a kill to /healthz 200: the gap a 503 is allowed in
         self.measuring = False
 
     def count(self, status: int | str, kind: str | None = None) -> None:
@@ -150,7 +152,8 @@ class Soak:
                     if self.measuring:
                         self.failures[f"connection_error {path}"] += 1
                     continue
-                if status == 503 and retry:  # a worker is being replaced: come back
+                if status == 503 and retry and self.healing:
+                    # a killed worker is being replaced: what the server must answer
                     self.count("503_retry_after")
                     await anyio.sleep(0.5)
                     continue
@@ -211,6 +214,7 @@ class Soak:
             if not workers:
                 continue
             with contextlib.suppress(ProcessLookupError):
+                self.healing = True
                 os.kill(self.rng.choice(workers), signal.SIGKILL)
                 killed = time.monotonic()
                 self.kills += 1
@@ -225,6 +229,8 @@ class Soak:
                 finally:
                     conn.close()
                 self.healed_s.append(round(time.monotonic() - killed, 2))
+                await anyio.sleep(1.0)  # answers already on their way
+                self.healing = False
 
 
 async def _until_closed(reader: asyncio.StreamReader) -> str:

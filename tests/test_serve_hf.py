@@ -171,7 +171,7 @@ def test_sampling_stop_and_seed(checkpoint: dict[str, Any], server: Server) -> N
 def test_errors_are_openai_s(checkpoint: dict[str, Any], server: Server) -> None:
     c = client(server)
     with pytest.raises(openai.BadRequestError) as long_prompt:
-        c.completions.create(model="tiny-llama", prompt="The cat sits on the mat. " * 30)
+        c.completions.create(model="tiny-llama", prompt="The cat sits on the mat. " * 200)
     assert long_prompt.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as long_answer:
         c.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=5000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -23,13 +24,14 @@ from ._errors import Reject, error_response
 from ._gate import CLIENT_GONE, Gate
 from ._json import embeddings_json, parse
 from ._metrics import ServeMetrics
-from ._service import CompletionService, EmbeddingService, InputError, Unavailable
+from ._service import INLINE_CHARS, CompletionService, EmbeddingService, InputError, Unavailable
 
 Service = EmbeddingService | CompletionService
 
 __all__ = ["create_app"]
 
 S = TypeVar("S", EmbeddingService, CompletionService)
+T = TypeVar("T")
 
 log = logging.getLogger("shardline.serve")
 
@@ -67,6 +69,12 @@ def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
     async def client_left(request: Request, exc: ClientDisconnect) -> Response:
         # Not an error of ours: nobody is there to read this, and Gate counts it as such.
         return Response(status_code=CLIENT_GONE)
+
+    async def off_loop(encode: Callable[[T], list[int]], text: T, size: int) -> list[int]:
+        """A long text is tokenized (and a chat template rendered) on a worker thread."""
+        if size <= INLINE_CHARS:
+            return encode(text)
+        return await anyio.to_thread.run_sync(encode, text, limiter=cpu)
 
     async def body_of(request: Request) -> dict[str, Any]:
         body = await parse(await request.body(), cpu)
@@ -115,7 +123,7 @@ def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
                          param="prompt")
         params = _completions.sampling(body, chat=False)
         try:
-            ids = service.encode(prompt)
+            ids = await off_loop(service.encode, prompt, len(prompt))
             budget = service.budget(ids, params.max_tokens, 16, "prompt")
         except InputError as exc:
             raise Reject(400, str(exc), param=exc.param or "prompt", code=exc.code) from None
@@ -130,7 +138,8 @@ def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
         conversation = _completions.messages(body)
         params = _completions.sampling(body, chat=True)
         try:
-            ids = service.encode_chat(conversation)
+            ids = await off_loop(service.encode_chat, conversation,
+                                 sum(len(m["content"]) for m in conversation))
             budget = service.budget(ids, params.max_tokens, None, "messages")
         except InputError as exc:
             raise Reject(400, str(exc), param=exc.param or "messages",
