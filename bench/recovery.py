@@ -35,7 +35,7 @@ import httpx
 import shardline as sl
 from bench._common import emit
 from bench.pipeline import step_times
-from bench.soak import children
+from bench.soak import children, stop_server
 from shardline.models import Pipeline, gpt
 
 GPT = {"blocks": 4, "dim": 128, "heads": 4, "seq": 64, "vocab": 256}
@@ -105,14 +105,7 @@ def serving_recovery(model: str, replicas: int, kills: int, seed: int) -> None:
         anyio.run(_kills, proc.pid, url, model, replicas, kills, random.Random(seed),
                   started)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop_server(proc)
 
 
 async def _kills(pid: int, url: str, model: str, replicas: int, kills: int,

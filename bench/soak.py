@@ -410,15 +410,20 @@ def main() -> None:
                 1 for line in log.read_text().splitlines()
                 if "ERROR" in line or "Traceback" in line)
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+            stop_server(proc)
     emit(**result)
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    """SIGINT (the server stops its workers), SIGKILL if it has not ended in 30 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,13 @@ class Server:
         line = self.proc.stdout.readline()
         assert line.startswith("shardline serve http://"), (line, log.read_text()[-3000:])
         self.url = line.split()[2]
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        self.address = (host, int(port))
+
+    def connect(self, timeout: float = 60.0) -> socket.socket:
+        sock = socket.create_connection(self.address, timeout=timeout)
+        sock.settimeout(timeout)
+        return sock
 
     def workers(self) -> list[int]:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")

@@ -135,11 +135,15 @@ async def test_a_busy_pipeline_is_healthy_and_a_silent_one_is_not() -> None:
         async with recovery:
             with pytest.raises(TimeoutError):
                 await recovery.check(0.3)  # nothing else got through: not healthy
+            recovery.progress(time.monotonic() - 60)  # a call from before the check
+            with pytest.raises(TimeoutError):
+                await recovery.check(0.3)  # proves nothing about the stages now
             async with anyio.create_task_group() as tg:
                 async def busy() -> None:
                     while not stuck.is_set():
+                        since = time.monotonic()
                         await pipe(torch.randn(4, 8))
-                        recovery.progress()
+                        recovery.progress(since)
                         await anyio.sleep(0.01)
 
                 tg.start_soon(busy)

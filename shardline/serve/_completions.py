@@ -52,7 +52,7 @@ def number(body: dict[str, Any], name: str, default: N | None, kind: type[N], lo
 def sampling(body: dict[str, Any], chat: bool) -> Sampling:
     for name in UNSUPPORTED:
         # echo/suffix/logit_bias as their "off" values are what some clients always send
-        if body.get(name) not in (None, False, {}, ""):
+        if body.get(name) not in (None, False, {}, [], ""):
             raise Reject(400, f"'{name}' is not supported by this server", param=name)
     max_tokens = number(body, "max_tokens", None, int, 1, 1 << 20)
     if chat and max_tokens is None:  # the newer name of the same thing

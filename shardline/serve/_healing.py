@@ -59,7 +59,7 @@ class Recovery:
     has no other copy (requests are answered 503 with ``Retry-After: retry_after()``);
     ``check(timeout)`` is the health check: one call through every stage, shared by
     whoever asks meanwhile, excused when it is only slow because the pipeline is busy
-    (``progress()`` says a real call got through since it began).
+    (``progress(since)`` says a real call that entered after it began got through).
     """
 
     def __init__(self, name: str, pipe: Pipeline, metrics: ServeMetrics,
@@ -89,16 +89,20 @@ class Recovery:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(exc_type, exc, tb)
+        # Its own tasks only: an exception of the block is not this group's to handle.
+        await self._tg.__aexit__(None, None, None)
 
     # -- what requests ask -----------------------------------------------------------------
 
-    def progress(self) -> None:
-        """A real call went through every stage just now."""
-        self.last_progress = time.monotonic()
+    def progress(self, since: float) -> None:
+        """A real call that entered the pipeline at ``since`` (``time.monotonic()``)
+        came out of its last stage just now. Only calls that entered after a health
+        check began count for it: one that was already past a stage when that stage
+        died proves nothing."""
+        self.last_progress = max(self.last_progress, since)
 
     def refusing(self) -> bool:
         """A worker is lost and the model has no other copy: until the stages it held
@@ -120,29 +124,34 @@ class Recovery:
                          "stages are being rebuilt" for address, since in self._lost.items())
 
     async def check(self, timeout: float) -> None:
-        """Returns if one call went through every stage (or the pipeline got a real call
-        through while this one waited); raises ``TimeoutError`` or the call's error.
+        """Returns if one call went through every stage, or if a real call that entered
+        the pipeline after this check began came out of it meanwhile (busy, not dead);
+        raises ``TimeoutError`` or the call's error.
         The call runs in a task of its own, so a caller that gives up does not cancel
         it (it may be the call that rebuilds a lost stage)."""
         assert self._tg is not None, "use Recovery inside 'async with'"
+        asked = time.monotonic()
         probe = self._probe
         if probe is None or probe.done.is_set():
             probe = self._probe = _Probe()
             self._tg.start_soon(self._run_probe, probe)
-        with anyio.move_on_after(timeout):
-            await probe.done.wait()
-        if probe.done.is_set():
-            if probe.error is not None:
-                raise probe.error
-            return
-        if self.last_progress >= probe.started:
-            return  # slow because busy: other calls got through every stage meanwhile
-        raise TimeoutError(f"a call through every stage did not return within {timeout} s")
+        deadline = time.monotonic() + timeout
+        while not probe.done.is_set():
+            if self.last_progress >= max(asked, probe.started):
+                return  # busy, not dead: a call that came after this one got through
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"a call through every stage did not return within "
+                                   f"{timeout} s, and no other call got through meanwhile")
+            with anyio.move_on_after(min(left, 0.05)):
+                await probe.done.wait()
+        if probe.error is not None:
+            raise probe.error
 
     async def _run_probe(self, probe: _Probe) -> None:
         try:
             await self._call()
-            self.progress()
+            self.progress(probe.started)
         except Exception as exc:
             probe.error = exc
         finally:
@@ -192,8 +201,9 @@ class Recovery:
         pause = 0.25
         while any(dev.place.node == address for dev in self.pipe.plan.all_devices()):
             try:
+                since = time.monotonic()
                 await self._call()
-                self.progress()
+                self.progress(since)
             except (ShardlineError, TimeoutError) as exc:
                 log.warning("rebuilding the stages lost with %s: %s; trying again in "
                             "%.1f s", address, exc, pause)

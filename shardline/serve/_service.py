@@ -91,10 +91,9 @@ class EmbeddingService:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> bool | None:
         try:
-            await self.batcher.__aexit__(exc_type, exc, tb)
+            return await self.batcher.__aexit__(exc_type, exc, tb)
         finally:
             await self.recovery.__aexit__(exc_type, exc, tb)
-        return None
 
     async def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Each text's token ids (``InputError`` if one is longer than the model takes).
@@ -139,9 +138,10 @@ class EmbeddingService:
         return [vectors[i] for i in range(len(rows))]
 
     async def _embed(self, rows: list[list[int]]) -> torch.Tensor:
+        since = time.monotonic()
         result: Any = await self.pipe(minilm.pad(rows))
         assert isinstance(result, torch.Tensor)
-        self.recovery.progress()
+        self.recovery.progress(since)
         return result
 
     async def health(self, timeout: float) -> None:
@@ -180,8 +180,8 @@ class CompletionService:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
-        return await self.recovery.__aexit__(exc_type, exc, tb)
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.recovery.__aexit__(exc_type, exc, tb)
 
     @property
     def depth(self) -> int:
@@ -241,9 +241,7 @@ class CompletionService:
         """Pieces of text as they are generated; the last one has a finish reason:
         "stop" (a stop sequence, or the model's end-of-sequence token, which is not
         part of the text) or "length" (``budget`` tokens)."""
-        if self.recovery.refusing():
-            raise Unavailable(f"the model '{self.name}' is recovering: "
-                              f"{self.recovery.describe()}", self.recovery.retry_after())
+        _health(self.recovery, self.name)
         if self.active >= self.max_queue:
             raise QueueFull(f"{self.active} completions are running "
                             f"(max_queue={self.max_queue})")
@@ -251,6 +249,7 @@ class CompletionService:
         eos = self.tokens.eos
         held = ""  # text that could still turn out to start a stop sequence
         produced = 0
+        since = time.monotonic()  # when the call that makes the next token went in
         self.active += 1
         try:
             async with contextlib.aclosing(self.pipe.generate(
@@ -258,7 +257,8 @@ class CompletionService:
                     eos_token_id=sorted(eos))) as tokens:
                 async for token in tokens:
                     produced += 1
-                    self.recovery.progress()
+                    self.recovery.progress(since)
+                    since = time.monotonic()
                     if token in eos:
                         yield Piece(held + decoder.flush(), "stop", produced)
                         return
