@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 
@@ -27,3 +30,27 @@ async def per_op_us(op: Callable[[], Awaitable[Any]], n: int, repeats: int = 5) 
             await op()
         samples.append((time.perf_counter() - t0) / n * 1e6)
     return statistics.median(samples)
+
+
+def run_torch_ranks(module: str, ranks: int, args: Sequence[str],
+                    env: dict[str, str]) -> float:
+    """Start ``python -m module --torch-rank R --port P *args`` for every rank (the
+    torch.distributed baselines); returns the float rank 0 prints last."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", module, "--torch-rank", str(r),
+                               "--port", str(port), *args],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
+             for r in range(ranks)]
+    try:
+        out, _ = procs[0].communicate(timeout=600)
+        for proc in procs[1:]:
+            proc.wait(timeout=60)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    return float(out.strip().splitlines()[-1])

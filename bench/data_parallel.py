@@ -17,10 +17,7 @@
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -29,7 +26,7 @@ import torch
 from torch import nn
 
 import shardline as sl
-from bench._common import emit
+from bench._common import emit, run_torch_ranks
 from bench.pipeline import step_times
 from shardline.models import LayerSpec, Pipeline, gpt
 from shardline.models._allreduce import GradSync, join_group, master_store
@@ -193,25 +190,8 @@ def torch_rank(rank: int, port: int, steps: int) -> None:
 
 
 def gpt_torch(steps: int) -> float:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "bench.data_parallel", "--torch-rank",
-                               str(r), "--port", str(port), "--steps", str(steps)],
-                              stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-             for r in range(4)]
-    try:
-        out, _ = procs[0].communicate(timeout=600)
-        for proc in procs[1:]:
-            proc.wait(timeout=60)
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
-    return float(out.strip().splitlines()[-1])
+    return run_torch_ranks("bench.data_parallel", 4, ["--steps", str(steps)],
+                           {"OMP_NUM_THREADS": "1"})
 
 
 def main() -> None:

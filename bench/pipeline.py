@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -37,7 +35,7 @@ import torch
 from torch import nn
 
 import shardline as sl
-from bench._common import emit
+from bench._common import emit, run_torch_ranks
 from shardline.models import LayerSpec, Pipeline, gpt, schedules
 
 FORWARD_S, BACKWARD_S = 0.010, 0.020
@@ -270,25 +268,8 @@ def torch_pp_rank(rank: int, port: int, steps: int, schedule_name: str) -> None:
 
 
 def gpt_torch(steps: int, threads: int, schedule: str = "1f1b") -> float:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "bench.pipeline", "--torch-rank", str(r),
-                               "--port", str(port), "--steps", str(steps),
-                               "--torch-schedule", schedule],
-                              stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, **stage_env(threads)})
-             for r in range(2)]
-    try:
-        out, _ = procs[0].communicate(timeout=600)
-        procs[1].wait(timeout=60)
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
-    return float(out.strip().splitlines()[-1])
+    return run_torch_ranks("bench.pipeline", 2, ["--steps", str(steps), "--torch-schedule",
+                                                 schedule], stage_env(threads))
 
 
 def main() -> None:

@@ -1,12 +1,20 @@
-"""Between two processes over tcp://127.0.0.1: raw pyzmq asyncio vs shardline asks.
+"""Between two processes over tcp://127.0.0.1: raw pyzmq (asyncio and blocking) vs
+shardline asks.
 
-    python -m bench.remote [--n 3000] [--mib 64] [--trials 3]
+    python -m bench.remote [--n 3000] [--mib 64] [--trials 5]
 
 (a) round-trip latency with one outstanding; (b) throughput with 100 in flight;
-(c) bandwidth for a 64 MiB float32 tensor argument vs raw zero-copy zmq.
-The raw server (an asyncio ROUTER echo) and the shardline worker are separate
-processes, both alive for the whole run; each figure alternates raw and shardline
-trials so that drift on a shared machine hits both alike, and reports the medians.
+(c) bandwidth for a 64 MiB float32 tensor argument (shardline: shared memory, the two
+    processes being on one host) vs raw zero-copy ZeroMQ over TCP;
+(d) with CUDA: a 256 MiB CUDA tensor by IPC handle vs ``.cpu()`` + raw ZeroMQ.
+
+Baselines, each a separate server process alive for the whole run: an asyncio ROUTER
+echo (plain ``await send`` / ``await recv`` per message), a blocking REP echo (REQ/REP,
+one outstanding), and a blocking ROUTER echo (a blocking DEALER keeps 100 requests in
+flight; it also takes the zero-copy 64 MiB frames). Each figure alternates baseline
+and shardline trials so that drift on a shared machine hits all alike, and reports
+the medians; ``ratio`` compares shardline with the blocking baseline (the issue's
+bar), ``ratio_asyncio`` with the asyncio one.
 """
 
 from __future__ import annotations
@@ -34,8 +42,11 @@ class Echo(sl.Actor):
     def nbytes(self, t: Any) -> int:
         return int(t.nbytes)
 
+    def on_gpu(self, t: Any) -> list[Any]:
+        return [str(t.device), float(t[-1])]
 
-async def raw_server() -> None:
+
+async def asyncio_server() -> None:
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
@@ -49,8 +60,28 @@ async def raw_server() -> None:
             await sock.send_multipart(frames)
 
 
-class Raw:
-    """The baseline client: plain ``await send`` / ``await recv_multipart`` per message."""
+def blocking_server(kind: str) -> None:
+    """A REP echo (``rep``) or a ROUTER echo (``router``), blocking calls only."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REP if kind == "rep" else zmq.ROUTER)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    sys.stdout.write(f"{port}\n")
+    sys.stdout.flush()
+    if kind == "rep":
+        while True:
+            sock.send(sock.recv())
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) > 2:
+            sock.send_multipart([frames[0], str(len(frames[2])).encode()])
+        else:
+            sock.send_multipart(frames, copy=False)
+
+
+class AsyncioRaw:
+    """The asyncio baseline client: ``await send`` / ``await recv_multipart``."""
 
     def __init__(self, port: int) -> None:
         self.ctx = zmq.asyncio.Context()
@@ -66,7 +97,6 @@ class Raw:
         return (time.perf_counter() - t0) / n * 1e6
 
     async def throughput(self, total: int, payload: bytes, width: int = 100) -> float:
-        """Keep ``width`` requests in flight: each reply (one awaited recv) frees a slot."""
         sock = self.sock
         t0 = time.perf_counter()
         sent = done = 0
@@ -91,6 +121,60 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        self.ctx.term()
+
+
+class BlockingRaw:
+    """The blocking baselines: REQ/REP with one outstanding; a DEALER with a window."""
+
+    def __init__(self, rep_port: int, router_port: int) -> None:
+        self.ctx = zmq.Context()
+        self.req = self.ctx.socket(zmq.REQ)
+        self.req.connect(f"tcp://127.0.0.1:{rep_port}")
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.RCVHWM, 0)
+        self.dealer.setsockopt(zmq.SNDHWM, 0)
+        self.dealer.connect(f"tcp://127.0.0.1:{router_port}")
+
+    async def latency(self, n: int, payload: bytes) -> float:
+        req = self.req
+        t0 = time.perf_counter()
+        for _ in range(n):
+            req.send(payload)
+            req.recv()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    async def throughput(self, total: int, payload: bytes, width: int = 100) -> float:
+        sock = self.dealer
+        t0 = time.perf_counter()
+        for _ in range(width):
+            sock.send(payload)
+        for sent in range(width, total + width):
+            sock.recv()
+            if sent < total:
+                sock.send(payload)
+        return total / (time.perf_counter() - t0)
+
+    async def bandwidth(self, big: Any, rounds: int) -> float:
+        sock = self.dealer
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            sock.send_multipart([b"h", big], copy=False)
+            sock.recv()
+        return rounds * big.nbytes / (time.perf_counter() - t0) / 2**20
+
+    async def cuda_bandwidth(self, big: Any, rounds: int) -> float:
+        """``.cpu()`` then the raw zero-copy send: what a CUDA tensor costs without IPC."""
+        sock = self.dealer
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            sock.send_multipart([b"h", big.cpu().numpy()], copy=False)
+            sock.recv()
+        return rounds * big.nbytes / (time.perf_counter() - t0) / 2**20
+
+    def close(self) -> None:
+        self.req.close(linger=0)
+        self.dealer.close(linger=0)
         self.ctx.term()
 
 
@@ -127,67 +211,98 @@ class Ours:
             await self.ref.nbytes(big)
         return rounds * big.nbytes / (time.perf_counter() - t0) / 2**20
 
+    async def cuda_bandwidth(self, big: Any, rounds: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            device, last = await self.ref.on_gpu(big)
+            assert device == "cuda:0" and last == float(big[-1]), (device, last)
+        return rounds * big.nbytes / (time.perf_counter() - t0) / 2**20
 
-async def alternate(trials: int, raw: Callable[[], Awaitable[float]],
-                    ours: Callable[[], Awaitable[float]]) -> tuple[float, float]:
-    await raw()
-    await ours()  # warm-up of both paths
-    r, o = [], []
+
+Measure = Callable[[], Awaitable[float]]
+
+
+async def alternate(trials: int, *runs: Measure) -> list[float]:
+    """Medians of ``trials`` runs of each, taking turns (after one warm-up of each)."""
+    for run_once in runs:
+        await run_once()
+    samples: list[list[float]] = [[] for _ in runs]
     for _ in range(trials):
-        r.append(await raw())
-        o.append(await ours())
-    return statistics.median(r), statistics.median(o)
+        for i, run_once in enumerate(runs):
+            samples[i].append(await run_once())
+    return [statistics.median(s) for s in samples]
 
 
-async def run(port: int, n: int, mib: int, trials: int) -> None:
+async def run(ports: dict[str, int], n: int, mib: int, trials: int) -> None:
     import torch
 
     payload = b"x" * 64
-    raw = Raw(port)
+    araw = AsyncioRaw(ports["asyncio"])
+    braw = BlockingRaw(ports["rep"], ports["router"])
+    results = []
     try:
         async with sl.LocalCluster(1, allow=["bench"]) as cluster:
             ours = Ours(await cluster.nodes[0].spawn("bench.remote:Echo"))
-            results = [
-                ("rtt_us", "latency, one outstanding", "lower", *await alternate(
-                    trials, lambda: raw.latency(n, payload),
-                    lambda: ours.latency(n, payload))),
-                ("per_s_100_in_flight", "throughput, 100 in flight", "higher",
-                 *await alternate(trials, lambda: raw.throughput(4 * n, payload),
-                                  lambda: ours.throughput(4 * n, payload))),
-            ]
+            results.append(("rtt_us", "latency, one outstanding", "lower", await alternate(
+                trials, lambda: araw.latency(n, payload), lambda: braw.latency(n, payload),
+                lambda: ours.latency(n, payload))))
+            results.append(("per_s_100_in_flight", "throughput, 100 in flight", "higher",
+                            await alternate(trials, lambda: araw.throughput(4 * n, payload),
+                                            lambda: braw.throughput(4 * n, payload),
+                                            lambda: ours.throughput(4 * n, payload))))
             big_np = np.ones(mib << 18, dtype=np.float32)
             big_t = torch.ones(mib << 18, dtype=torch.float32)
-            results.append((f"mib_per_s_{mib}mib_tensor", "bandwidth", "higher",
-                            *await alternate(trials, lambda: raw.bandwidth(big_np, 5),
-                                             lambda: ours.bandwidth(big_t, 5))))
+            results.append((f"mib_per_s_{mib}mib_tensor", "bandwidth, one host", "higher",
+                            await alternate(trials, lambda: araw.bandwidth(big_np, 5),
+                                            lambda: braw.bandwidth(big_np, 5),
+                                            lambda: ours.bandwidth(big_t, 5))))
+            if torch.cuda.is_available():
+                gpu = torch.arange(256 << 18, dtype=torch.float32, device="cuda:0")
+                cpu_then_tcp, ipc = await alternate(
+                    trials, lambda: braw.cuda_bandwidth(gpu, 3),
+                    lambda: ours.cuda_bandwidth(gpu, 3))
+                emit(bench="remote", metric="mib_per_s_256mib_cuda_tensor",
+                     what="CUDA tensor to another process: IPC handle vs .cpu() + TCP",
+                     cpu_then_tcp=round(cpu_then_tcp, 1), shardline_ipc=round(ipc, 1),
+                     ratio=round(ipc / cpu_then_tcp, 3), better="higher")
     finally:
-        raw.close()
-    for metric, what, better, r, o in results:
-        emit(bench="remote", metric=metric, what=what, raw_pyzmq=round(r, 1),
-             shardline=round(o, 1), ratio=round(o / r, 3), better=better)
+        araw.close()
+        braw.close()
+    for metric, what, better, (a, b, o) in results:
+        emit(bench="remote", metric=metric, what=what, raw_pyzmq_asyncio=round(a, 1),
+             raw_pyzmq_blocking=round(b, 1), shardline=round(o, 1), ratio=round(o / b, 3),
+             ratio_asyncio=round(o / a, 3), better=better)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--mib", type=int, default=64)
-    parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--raw-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--server", choices=["asyncio", "rep", "router"],
+                        help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    if opts.raw_server:
-        sl.run(raw_server())
+    if opts.server == "asyncio":
+        sl.run(asyncio_server())
         return
-    server = subprocess.Popen([sys.executable, "-m", "bench.remote", "--raw-server"],
-                              stdout=subprocess.PIPE, text=True)
+    if opts.server is not None:
+        blocking_server(opts.server)
+        return
+    servers = {kind: subprocess.Popen([sys.executable, "-m", "bench.remote", "--server", kind],
+                                      stdout=subprocess.PIPE, text=True)
+               for kind in ("asyncio", "rep", "router")}
     try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        sl.run(run(port, opts.n, opts.mib, opts.trials))
+        ports = {}
+        for kind, server in servers.items():
+            assert server.stdout is not None
+            ports[kind] = int(server.stdout.readline())
+        sl.run(run(ports, opts.n, opts.mib, opts.trials))
     finally:
-        server.kill()
-        server.wait()
-        if server.stdout is not None:
-            server.stdout.close()
+        for server in servers.values():
+            server.kill()
+            server.wait()
+            if server.stdout is not None:
+                server.stdout.close()
 
 
 if __name__ == "__main__":

@@ -12,16 +12,37 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import shardline as sl
 from shardline.models import Pipeline, gpt
 
 
-def bar(step: int, total: int, loss: float, tokens_per_s: float, step_ms: float) -> None:
-    done = int(30 * step / total)
-    sys.stdout.write(f"\r[{'#' * done}{'.' * (30 - done)}] step {step}/{total} "
-                     f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s  {step_ms:.0f} ms/step")
-    sys.stdout.flush()
+class Progress:
+    """A bar redrawn in place on a terminal; elsewhere (a log file, CI, ``| tee``) a
+    plain line every few seconds, so the log is not one enormous line."""
+
+    def __init__(self, total: int, every: float = 5.0) -> None:
+        self.total = total
+        self.every = every
+        self.tty = sys.stdout.isatty()
+        self.printed: float | None = None
+
+    def update(self, step: int, loss: float, tokens_per_s: float, step_ms: float) -> None:
+        figures = (f"step {step}/{self.total} loss {loss:.3f}  {tokens_per_s:,.0f} tok/s  "
+                   f"{step_ms:.0f} ms/step")
+        if self.tty:
+            done = int(30 * step / self.total)
+            sys.stdout.write(f"\r[{'#' * done}{'.' * (30 - done)}] {figures}")
+            sys.stdout.flush()
+        elif (self.printed is None or time.monotonic() - self.printed >= self.every
+              or step == self.total):
+            self.printed = time.monotonic()
+            print(figures, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
 
 
 async def main(opts: argparse.Namespace) -> None:
@@ -37,36 +58,53 @@ async def main(opts: argparse.Namespace) -> None:
             microbatches=opts.microbatches, loss_fn="shardline.models.gpt:loss",
             optimizer=("torch.optim.AdamW", {"lr": opts.lr}))
         first = last = 0.0
+        progress = Progress(opts.steps)
         for step in range(1, opts.steps + 1):
             x, y = next(stream)
             t0 = time.perf_counter()
             last = await pipe.train_step(x, y)
             dt = time.perf_counter() - t0
             first = first or last
-            bar(step, opts.steps, last, x.numel() / dt, dt * 1e3)
-        sys.stdout.write("\n")
+            progress.update(step, last, x.numel() / dt, dt * 1e3)
+        progress.close()
         async with pipe.trace() as trace:   # one more step, recorded
             await pipe.train_step(*next(stream))
         trace.to_chrome(f"{opts.out}-timeline.json")
         await pipe.save(opts.out)
-        print(f"loss {first:.3f} -> {last:.3f}; checkpoint in {opts.out}/, one step's "
-              f"timeline in {opts.out}-timeline.json")
+        print(f"loss {first:.3f} (step 1) -> {last:.3f} (step {opts.steps}); checkpoint "
+              f"in {opts.out}/, one step's timeline in {opts.out}-timeline.json")
         await pipe.stop()
 
 
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def check(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+    return check
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=2, help="stages, one per worker")
-    parser.add_argument("--replicas", type=int, default=1,
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    count = positive(int)
+    parser.add_argument("--steps", type=count, default=100, help="training steps")
+    parser.add_argument("--workers", type=count, default=2, help="stages, one per worker")
+    parser.add_argument("--replicas", type=count, default=1,
                         help="copies of the pipeline (data parallel); workers x replicas "
                         "worker processes in all")
-    parser.add_argument("--schedule", default="1f1b")
-    parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--out", default="checkpoints/gpt")
+    parser.add_argument("--schedule", default="1f1b", help="pipeline schedule: "
+                        "gpipe, 1f1b, interleaved-1f1b, zb-h1, zbv or dualpipev")
+    parser.add_argument("--microbatches", type=count, default=4,
+                        help="microbatches per replica and step")
+    parser.add_argument("--batch", type=count, default=16, help="sequences per step")
+    parser.add_argument("--seq", type=count, default=64, help="tokens (bytes) per sequence")
+    parser.add_argument("--dim", type=count, default=128, help="model width")
+    parser.add_argument("--blocks", type=count, default=4, help="transformer blocks")
+    parser.add_argument("--lr", type=positive(float), default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--out", default="checkpoints/gpt", help="checkpoint directory")
     sl.run(main(parser.parse_args()))

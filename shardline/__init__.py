@@ -33,11 +33,12 @@ from .actors import StopReason as StopReason
 
 
 def __getattr__(name: str) -> object:
-    # ``sl.models`` imports torch; load it on first use so ``import shardline`` does not.
-    if name == "models":
+    # ``sl.models`` and ``sl.tensors`` import torch; load them on first use so
+    # ``import shardline`` does not.
+    if name in ("models", "tensors"):
         import importlib
 
-        return importlib.import_module("shardline.models")
+        return importlib.import_module(f"shardline.{name}")
     raise AttributeError(f"module 'shardline' has no attribute {name!r}")
 
 

@@ -60,10 +60,11 @@ class NodeMetrics:
         started = time.monotonic()
         fut.add_done_callback(lambda _: self.observe_ask(time.monotonic() - started))
 
-    def text(self) -> bytes:
+    def text(self) -> str:
+        """The Prometheus text exposition of every metric (what ``/metrics`` serves)."""
         from prometheus_client import generate_latest
 
-        return generate_latest(self.registry)
+        return generate_latest(self.registry).decode()
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics on ``port`` (0: any free one) from a background thread;

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import anyio
 
+from ._argtypes import at_least, module_name, positive_float
 from ._errors import ShardlineError
 from ._runtime import run
 from ._worker import DRIVER_LOST, REFUSED
@@ -40,21 +41,28 @@ log = logging.getLogger("shardline.run")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow", action="append", default=[], metavar="MODULE",
+                        type=module_name,
                         help="module (or package) the workers let the driver spawn actors "
-                        "from; repeatable (shardline.models is always allowed)")
+                        "from; repeatable (default: none but shardline.models, which is "
+                        "always allowed)")
     secure = parser.add_mutually_exclusive_group()
     secure.add_argument("--keys", metavar="DIR", help="one CURVE keypair every rank shares "
-                        "(a Secret, a shared filesystem): each rank accepts exactly that key")
+                        "(a Secret, a shared filesystem): each rank accepts exactly that key "
+                        "(default: no CURVE; then the head must be on loopback, or give "
+                        "--insecure)")
     secure.add_argument("--insecure", action="store_true",
-                        help="no CURVE, on a trusted network")
-    parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="no CURVE, on a trusted network (default: refuse a "
+                        "non-loopback head without --keys)")
+    parser.add_argument("--timeout", type=positive_float, default=120.0, metavar="SECONDS",
                         help="how long a worker rank waits to join rank 0 (default 120)")
-    parser.add_argument("--restarts", type=int, default=0, metavar="N",
+    parser.add_argument("--restarts", type=at_least(0), default=0, metavar="N",
                         help="restart a worker rank's node up to N times after it dies; it "
                         "rejoins with its rank (default 0)")
-    parser.add_argument("--peer-timeout", type=float, default=5.0,
-                        help="seconds of silence before a peer is declared lost")
-    parser.add_argument("script", help="the Python script rank 0 runs")
+    parser.add_argument("--peer-timeout", type=positive_float, default=5.0,
+                        metavar="SECONDS",
+                        help="seconds of silence before a peer is declared lost (default 5)")
+    parser.add_argument("script", help="the Python script rank 0 runs; its directory and "
+                        "the current one are on the workers' import path")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
 
 
@@ -87,8 +95,13 @@ def _run_script(args: argparse.Namespace, launch: Launch, keys: str | None) -> i
     sys.argv = [args.script, *args.args]
     sys.path.insert(0, str(Path(script).parent))
     try:
-        runpy.run_path(script, run_name="__main__")
-        status = 0
+        if not Path(script).is_file():
+            # Still tell the other ranks below, so that they exit too.
+            sys.stderr.write(f"shardline run: no script at {args.script}\n")
+            status = 2
+        else:
+            runpy.run_path(script, run_name="__main__")
+            status = 0
     except SystemExit as exc:
         status = _exit_status(exc.code)
     except KeyboardInterrupt:

@@ -49,6 +49,14 @@ def join_listen_address(driver: str) -> str:
 
 
 def run_node(args: argparse.Namespace) -> int:
+    problem = _conflicting(args)
+    if problem:
+        sys.stderr.write(f"shardline node: {problem} (see 'shardline node --help')\n")
+        return 2
+    # As ``python -m`` would: ``--allow myapp.actors`` finds ./myapp/actors.py. The
+    # console script's own directory is sys.path[0] instead.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     joining = None
     allow_keys = list(args.allow_keys)
     listen = args.listen or os.environ.get("SHARDLINE_LISTEN") or "tcp://127.0.0.1:0"
@@ -72,14 +80,36 @@ def run_node(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ImportError) as exc:
         sys.stderr.write(f"shardline node: {exc}\n")
         return 2
+    if args.keys and not args.allow_keys and not args.join:
+        sys.stderr.write(f"shardline node: warning: --keys without --allow-keys: only "
+                         f"clients holding the keypair in {args.keys} can connect; list "
+                         "the others' public keys with --allow-keys\n")
     try:
         return run(_serve(node, args.exit_with_parent, args.metrics_port, joining))
-    except (OSError, ValueError) as exc:
-        sys.stderr.write(f"shardline node: {exc}\n")
+    except Exception as exc:  # one line saying what, never a traceback
+        sys.stderr.write(f"shardline node: {_describe(exc)}\n")
         return 2
-    except Exception as exc:  # Unauthorized and friends: say what, not a traceback
-        sys.stderr.write(f"shardline node: {type(exc).__name__}: {exc}\n")
-        return 2
+
+
+def _conflicting(args: argparse.Namespace) -> str | None:
+    """Options that make no sense together: refused before anything starts."""
+    if args.allow_keys and not args.keys:
+        return ("--allow-keys needs --keys: without a keypair the node runs without CURVE "
+                "and accepts every client in plaintext")
+    if not args.join:
+        for flag, value in (("--server-key", args.server_key), ("--rank", args.rank)):
+            if value is not None:
+                return f"{flag} only applies with --join ADDR"
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    # A task group wraps what failed inside it; the user wants the failure itself.
+    while isinstance(exc, Exception) and len(getattr(exc, "exceptions", ())) == 1:
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    if isinstance(exc, (OSError, ValueError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def _serve(node: Node, exit_with_parent: bool, metrics_port: int | None,
@@ -89,7 +119,11 @@ async def _serve(node: Node, exit_with_parent: bool, metrics_port: int | None,
         async with node, anyio.create_task_group() as tg:
             extra = ""
             if node.metrics is not None and metrics_port is not None:
-                port = node.metrics.serve(metrics_port)
+                try:
+                    port = node.metrics.serve(metrics_port)
+                except OSError as exc:
+                    raise OSError(f"cannot serve metrics on port {metrics_port}: "
+                                  f"{exc.strerror or exc}") from None
                 extra = f" metrics=http://127.0.0.1:{port}/metrics"
             # The first line of stdout is the contract LocalCluster and scripts read.
             sys.stdout.write(f"shardline node {node.address} id={node.node_id}{extra}\n")

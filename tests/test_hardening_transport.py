@@ -639,7 +639,7 @@ async def test_prometheus_metrics_show_loop_lag_and_queued_replies() -> None:
             time.sleep(0.4)  # noqa: ASYNC251 (a stall for the lag histogram to record)
             await _until(lambda: node.loop_lag.max >= 0.25)  # less the sampler's 0.1 s
         assert node.metrics is not None
-        text = node.metrics.text().decode()
+        text = node.metrics.text()
     assert 'shardline_loop_lag_seconds_bucket{le="0.25"}' in text
     count = next(line for line in text.splitlines()
                  if line.startswith('shardline_loop_lag_seconds_bucket{le="0.1"}'))

@@ -38,7 +38,7 @@ async def test_node_metrics_count_messages_asks_and_bytes() -> None:
             await remote.incr()
         await local.get()
         assert node.metrics is not None
-        got = values(node.metrics.text().decode())
+        got = values(node.metrics.text())
     assert got['shardline_actor_messages_in_total{actor="local"}'] == 7
     assert got['shardline_actor_messages_out_total{actor="local"}'] == 6
     assert got['shardline_actor_mailbox_depth{actor="local"}'] == 0

@@ -96,3 +96,17 @@ async def test_no_device_thread_error_at_shutdown_after_a_failed_step() -> None:
     finally:
         threading.excepthook = previous
     assert errors == []
+
+
+async def test_a_batch_too_small_or_a_missing_loss_is_a_value_error_at_the_call() -> None:
+    async with sl.Node() as node:
+        pipe = await Pipeline.start(node, models_fixtures.layers({"n": 4}, 0, 4), stages=2,
+                                    optimizer=SGD)   # default: 8 microbatches, no loss
+        with pytest.raises(ValueError, match="needs a loss"):
+            await pipe.train_step(torch.randn(16, 8), torch.randint(0, 4, (16,)))
+        await pipe.stop()
+        pipe = await Pipeline.start(node, models_fixtures.layers({"n": 4}, 0, 4), stages=2,
+                                    loss_fn=nn.functional.cross_entropy, optimizer=SGD)
+        with pytest.raises(ValueError, match="batch of 4 rows cannot be split into 8"):
+            await pipe.train_step(torch.randn(4, 8), torch.randint(0, 4, (4,)))
+        await pipe.stop()

@@ -88,9 +88,11 @@ class LocalCluster:
 
     @property
     def processes(self) -> list[Process]:
+        """The current process of each worker, by index."""
         return [slot.worker.process for slot in self._slots if slot.worker is not None]
 
     def pids(self) -> list[int]:
+        """The process id of each worker's current process, by index."""
         return [slot.worker.pid for slot in self._slots if slot.worker is not None]
 
     def _command(self) -> list[str]:

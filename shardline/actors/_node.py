@@ -61,6 +61,11 @@ class Node:
 
     ``max_queued_bytes`` bounds the replies queued toward any one client connection
     (see docs/wire-protocol.md, "Backpressure on replies").
+
+    Time: a peer silent for ``peer_timeout`` seconds is lost; each peer is pinged every
+    ``heartbeat_interval`` seconds (default ``peer_timeout / 5``); opening a connection
+    and its handshake may take ``connect_timeout`` seconds when the call gives no
+    ``timeout``. docs/actors.md ("Nodes") lists every option.
     """
 
     def __init__(self, listen: str | None = None, *, allow: Iterable[str] = (),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
+from .._errors import MethodNotFound
 from ._lifecycle import StopInfo
 
 __all__ = ["ActorRef", "BoundMethod", "Target"]
@@ -80,12 +81,27 @@ class ActorRef:
         return self._target.wait_stopped()
 
     def __getattr__(self, name: str) -> BoundMethod:
+        if name.startswith("__") and name.endswith("__"):
+            # Python's own probes (copy, pickle, hasattr of special names) must see a
+            # plain missing attribute.
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         if name.startswith("_"):
-            raise AttributeError(name)
+            # Not an actor method, whatever the actor defines; MethodNotFound is also an
+            # AttributeError, so getattr(ref, name, default) and hasattr still work.
+            raise MethodNotFound(f"{name!r} is not an actor method: names starting with "
+                                 f"'_' are private ({self!r})")
         method = BoundMethod(self._target, name)
         # Cache on the instance: later lookups skip __getattr__ entirely.
         self.__dict__[name] = method
         return method
+
+    # A ref names an actor; a copy would name the same one, so it is the ref itself
+    # (deep-copying the target would try to copy a live node).
+    def __copy__(self) -> ActorRef:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ActorRef:
+        return self
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ActorRef):

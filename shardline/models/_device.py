@@ -9,6 +9,12 @@ with 1F1B two hops sit on the critical path of every microbatch.
 
 The node's event loop keeps the control plane (steps, errors, heartbeats), so a long
 forward never delays a heartbeat, and a lost peer still fails the step through it.
+
+A device in another process of the same host gets large activations through pooled
+shared-memory segments instead of the socket: the receiving process also listens for
+them at a name derived from its link address (``Exchange.listen_at``). With a
+``wire_dtype``, floating tensors bound for another process are compressed on the way
+(``shardline._wire_dtype``) and restored by the receiving codec.
 """
 
 from __future__ import annotations
@@ -26,9 +32,13 @@ from typing import Any
 import zmq
 
 from .._errors import NodeLost
+from .._wire_dtype import check_wire_dtype, pack
 from ..transport._address import parse_tcp, split_key, with_key
 from ..transport._codec import Codec
 from ..transport._endpoint import Endpoint
+from ..transport._exchange import Link, exchange, poll_exchange
+from ..transport._placement import discard, message_size
+from ._tree import map_tensors
 
 __all__ = ["Device", "Key"]
 
@@ -52,8 +62,10 @@ class Device:
     """
 
     def __init__(self, name: str, token: str, endpoint: Endpoint | None,
-                 send_timeout: float, idle: Callable[[], None] | None = None) -> None:
+                 send_timeout: float, idle: Callable[[], None] | None = None,
+                 wire_dtype: str | None = None) -> None:
         self.name = name
+        self._wire_dtype = check_wire_dtype(wire_dtype)
         self._idle = idle  # runs on the thread about once a second while it has no work
         self._token = token
         self._send_timeout_ms = max(1, int(send_timeout * 1000))
@@ -70,12 +82,18 @@ class Device:
         self._endpoint = endpoint
         # A codec of its own: one is not safe to share with the event loop's thread.
         self._codec = Codec(max_header_size=endpoint.limits.max_header_size
-                            if endpoint is not None else 16 << 20)
-        self._outlets: dict[str, zmq.Socket[Any]] = {}
+                            if endpoint is not None else 16 << 20,
+                            max_frame_size=endpoint.limits.max_frame_size
+                            if endpoint is not None else 1 << 30)
+        self._outlets: dict[str, tuple[zmq.Socket[Any], Link | None]] = {}
         self._sock: zmq.Socket[Any] | None = None
         self.address = f"local://{uuid.uuid4().hex}"
+        self._shm_at: str | None = None  # the link address shared memory listens at
         if endpoint is not None and endpoint.address is not None:
             self._sock, self.address = _bind_inlet(endpoint)
+            plain = split_key(self.address)[0]
+            if self._codec.shm_min_bytes is not None and exchange().listen_at(plain):
+                self._shm_at = plain
         _LOCAL[self.address] = self
         self._thread = threading.Thread(target=self._main, name=f"shardline-{name}",
                                         daemon=True)
@@ -117,6 +135,8 @@ class Device:
         self._wake()
         self._thread.join(timeout)
         _LOCAL.pop(self.address, None)
+        if self._shm_at is not None:
+            exchange().stop_listening_at(self._shm_at)
 
     # -- the device thread -------------------------------------------------------------
 
@@ -129,25 +149,32 @@ class Device:
             self._parked[key] = job
             return None
 
-    def send(self, address: str, key: Key, value: Any) -> None:
-        """Send an input to the device at ``address`` (same process: by reference)."""
+    def send(self, address: str, key: Key, value: Any) -> int:
+        """Send an input to the device at ``address`` (same process: by reference).
+        Returns the bytes it moved to another process (0 in process)."""
         local = _LOCAL.get(address)
         if local is not None:
             local.deliver(key, value)
-            return
+            return 0
         outlet = self._outlets.get(address)
         if outlet is None:
             outlet = self._outlets[address] = self._connect(address)
+        sock, link = outlet
+        wire_dtype = self._wire_dtype
+        if wire_dtype is not None:
+            value = map_tensors(value, lambda t: pack(t, wire_dtype))
         step, kind, stage, mb = key
         frames = self._codec.encode({"t": self._token, "s": step, "k": kind, "st": stage,
-                                     "mb": mb, "v": value}, "a stage input")
+                                     "mb": mb, "v": value}, "a stage input", link)
         try:
-            outlet.send_multipart(frames, copy=False)
+            sock.send_multipart(frames, copy=False)
         except zmq.Again:
+            discard(frames)
             raise NodeLost(f"the link from {self.name} to {address} took no data for "
                            f"{self._send_timeout_ms / 1000} s") from None
+        return message_size(frames)
 
-    def _connect(self, address: str) -> zmq.Socket[Any]:
+    def _connect(self, address: str) -> tuple[zmq.Socket[Any], Link | None]:
         if self._endpoint is None:
             raise NodeLost(f"no device at {address} in this process, and this node has "
                            "no network endpoint to reach it")
@@ -160,7 +187,10 @@ class Device:
         sock.copy_threshold = 1 << 20
         self._endpoint.make_curve_client(sock, key)
         sock.connect(plain)
-        return sock
+        link = None
+        if self._codec.shm_min_bytes is not None:
+            link = exchange().link_to_address(plain)
+        return sock, link
 
     def _main(self) -> None:
         poller = zmq.Poller()
@@ -182,11 +212,13 @@ class Device:
                     continue
                 # The timeout bounds how long a lost wake-up could last, and paces
                 # the idle housekeeping.
-                if not poller.poll(1000) and self._idle is not None:
-                    try:
-                        self._idle()
-                    except Exception:
-                        log.exception("housekeeping on device %s raised", self.name)
+                if not poller.poll(1000):
+                    poll_exchange()  # shared memory: releases, idle segments
+                    if self._idle is not None:
+                        try:
+                            self._idle()
+                        except Exception:
+                            log.exception("housekeeping on device %s raised", self.name)
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
         except zmq.ContextTerminated:
@@ -195,7 +227,7 @@ class Device:
             # close for the node's term() to return.
             log.debug("device %s: context terminated", self.name)
         finally:
-            for sock in [*self._outlets.values(), self._sock]:
+            for sock in [*(s for s, _ in self._outlets.values()), self._sock]:
                 if sock is not None:
                     sock.close(linger=0)
             os.close(self._wake_r)
@@ -247,4 +279,5 @@ def _bind_inlet(endpoint: Endpoint) -> tuple[zmq.Socket[Any], str]:
     advertised, key = split_key(endpoint.address)
     host, _ = parse_tcp(advertised)
     host = host if ":" not in host else f"[{host}]"
-    return sock, with_key(f"tcp://{host}:{port}", key)
+    address = f"tcp://{host}:{port}"
+    return sock, with_key(address, key)

@@ -43,6 +43,7 @@ class StageOptions:
     token: str
     cache_idle_s: float
     check_finite: bool
+    wire_dtype: str | None = None
 
 
 class Fleet:
@@ -124,6 +125,7 @@ class Fleet:
             "cache_idle_s": opts.cache_idle_s,
             "check_finite": opts.check_finite,
             "device": dev.place.device,
+            "wire_dtype": opts.wire_dtype,
         }
         if dev.place.node == LOCAL:
             if isinstance(self.model, LayerSpec):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import ActorError, ActorRef, Node, RemoteNode, ShardlineError
+from .._wire_dtype import check_wire_dtype
 from . import _tree
 from ._errors import PipelineError
 from ._fleet import Fleet, Replacements, StageOptions
@@ -77,7 +78,7 @@ class Pipeline:
                     cache_idle_s: float = 300.0, replicas: int = 1,
                     spares: Sequence[RemoteNode] | Replacements = (),
                     snapshot_every: int | None = None,
-                    check_finite: bool = False) -> Pipeline:
+                    check_finite: bool = False, wire_dtype: str | None = None) -> Pipeline:
         """Split ``model`` into stages, spawn a ``StageActor`` per device, connect them.
 
         ``stages`` counts devices; with ``schedule="interleaved-1f1b"`` each device holds
@@ -103,7 +104,11 @@ class Pipeline:
         replica that is whole. ``check_finite=True`` fails a step
         (``PipelineError`` naming the stage and microbatch) before any weight changes
         when an activation, loss or gradient is NaN or infinite.
+        ``wire_dtype`` (``"bf16"``, ``"fp16"`` or ``"int8"``, blockwise absmax) compresses
+        the floating activations and gradients that cross processes; they arrive in their
+        own dtype. Off by default; never applied within a process or to integer tensors.
         """
+        check_wire_dtype(wire_dtype)
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         rows = _placement_rows(placement, replicas)
@@ -164,7 +169,7 @@ class Pipeline:
             raise ValueError(f"snapshot_every must be >= 0, got {snapshot_every}")
         plan = build_plan(plan_schedule, bounds, names, places, spare_places)
         options = StageOptions(optimizer, loss_fn, secrets.token_hex(8), cache_idle_s,
-                               check_finite)
+                               check_finite, wire_dtype)
         # Stamped on every activation (the token), so a device link only takes this
         # pipeline's data.
         source: LayerSpec | list[nn.Module]
@@ -189,11 +194,30 @@ class Pipeline:
         """One optimizer step over the batch ``(x, y)`` split into microbatches (and
         across replicas); returns the mean of the microbatch losses. Steps run one at a
         time, in call order. A failed stage raises ``PipelineError``, with every weight
-        as it was before the step, unless the pipeline recovered (``spares``)."""
+        as it was before the step, unless the pipeline recovered (``spares``).
+        ``ValueError`` at once, before anything runs, when the pipeline has no loss or
+        the batch is too small to split."""
+        self._check_batch(x, y)
         if self.fleet.can_replace() or self.fleet.plan.replicas > 1:
             # kept for a replay after a recovery: the caller may reuse its tensors
             x, y = _tree.map_tensors(x, torch.clone), _tree.map_tensors(y, torch.clone)
         return float(await self._schedule("train_step", x, y))
+
+    def _check_batch(self, x: Any, y: Any) -> None:
+        if self.fleet.options.loss_fn is None:
+            raise ValueError("train_step needs a loss: start the pipeline with loss_fn=..., "
+                             "e.g. 'torch.nn.functional:cross_entropy'")
+        replicas, m = self.replicas, self.schedule.n_microbatches
+        for name, value in (("x", x), ("y", y)):
+            leaves = _tree.leaves(value)
+            if not leaves:
+                raise ValueError(f"{name} holds no tensor to split into microbatches")
+            rows = leaves[0].shape[0] if leaves[0].dim() else 0
+            if rows < replicas * m:
+                per = f"{replicas} replicas x {m}" if replicas > 1 else f"{m}"
+                raise ValueError(f"a batch of {rows} rows cannot be split into {per} "
+                                 f"microbatches; pass at least {replicas * m} rows or start "
+                                 "the pipeline with fewer microbatches")
 
     async def __call__(self, x: Any) -> Any:
         """Inference (no autograd state kept); concurrent calls overlap in the pipeline."""

@@ -53,8 +53,10 @@ class StageActor(Actor):
                  modules: list[nn.Module] | None = None, spec: dict[str, Any] | None = None,
                  device: str = "cpu", optimizer: Sequence[Any] | None = None,
                  loss_fn: Any = None, token: str = "", cache_idle_s: float = 300.0,
-                 check_finite: bool = False, replica: int = 0) -> None:
+                 check_finite: bool = False, replica: int = 0,
+                 wire_dtype: str | None = None) -> None:
         self.device_index = device_index
+        self._wire_dtype = wire_dtype
         self.replica = replica
         self.stages = list(stages)                 # virtual stages held, ascending
         self.n_stages = n_stages
@@ -93,7 +95,7 @@ class StageActor(Actor):
     async def on_start(self) -> None:
         self._device = Device(f"stage{self.device_index}", self._token,
                               self.node._endpoint, self.node.peer_timeout,
-                              idle=self._expire_caches)
+                              idle=self._expire_caches, wire_dtype=self._wire_dtype)
         # Building (and loading) a shard can take long: off the loop, so the node keeps
         # answering heartbeats.
         await to_thread(self._build)
@@ -306,9 +308,9 @@ class StageActor(Actor):
                     spans.append([s, kind, mb, t0, t1])
                 if out is not None:
                     to, key, payload = out
-                    device.send(self.links[to], key, payload)
+                    nbytes = device.send(self.links[to], key, payload)
                     if spans is not None:
-                        spans.append([s, "send", mb, t1, time.time()])
+                        spans.append([s, "send", mb, t1, time.time(), nbytes])
                 program.pc += 1
                 if program.cancelled:
                     return

@@ -26,6 +26,8 @@ class TraceSpan:
     start: float
     """Seconds since the epoch, from the device's own clock."""
     end: float
+    nbytes: int = 0
+    """Of a "send": the bytes it moved to another process (0 within one)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,10 @@ class StepTrace:
                 gaps.append((d, cursor, self.end))
         return gaps
 
+    def bytes_sent(self) -> int:
+        """Bytes of activations and gradients this step moved between processes."""
+        return sum(s.nbytes for s in self.spans if s.kind == "send")
+
     def bubble_fraction(self) -> float:
         """Share of the devices' time in this step spent not computing."""
         busy = sum(s.end - s.start for s in self.spans if s.kind in _BUSY)
@@ -91,9 +97,10 @@ class Trace:
     def from_wire(records: list[dict[str, Any]]) -> Trace:
         steps = []
         for r in records:
-            spans = tuple(TraceSpan(int(d), int(s), str(k), int(mb), float(t0), float(t1))
+            spans = tuple(TraceSpan(int(d), int(s), str(k), int(mb), float(t0), float(t1),
+                                    int(rest[0]) if rest else 0)
                           for d, device_spans in enumerate(r["devices"])
-                          for s, k, mb, t0, t1 in device_spans)
+                          for s, k, mb, t0, t1, *rest in device_spans)
             steps.append(StepTrace(int(r["step"]), str(r["what"]), float(r["start"]),
                                    float(r["end"]), spans, int(r.get("replicas", 1))))
         return Trace(steps)
@@ -123,6 +130,8 @@ class Trace:
             for s in step.spans:
                 ts = (s.start - origin) * 1e6
                 args = {"stage": s.stage, "microbatch": s.mb, "step": step.step}
+                if s.kind == "send":
+                    args["bytes"] = s.nbytes
                 if s.kind == "recv":
                     events.append({"name": f"recv mb{s.mb}", "cat": "recv", "ph": "i",
                                    "s": "t", "pid": s.device, "tid": 1, "ts": ts,

@@ -12,32 +12,42 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
 
 from .._errors import ProtocolError, SerializationError
+from ._placement import Buffers, Frames, default_shm_min_bytes, shm_reserve, shm_share, shm_wanted
+
+if TYPE_CHECKING:
+    from ._exchange import Link
 
 __all__ = [
+    "EXT_CUDA",
     "EXT_NDARRAY",
+    "EXT_PACKED",
     "EXT_REF",
     "EXT_TENSOR",
     "Codec",
-    "Encoder",
     "Decoder",
+    "Encoder",
+    "describe",
     "descriptor_buffer",
     "packb",
+    "register_decoder",
     "register_ext",
 ]
 
 EXT_NDARRAY = 1
 EXT_TENSOR = 2
 EXT_REF = 3
+EXT_CUDA = 4
+EXT_PACKED = 5
 
-# encode(obj, buffers) -> ext payload bytes; it appends bulk data to ``buffers`` and
-# records the index. decode(payload, buffers) -> obj.
-Encoder = Callable[[Any, list[Any]], bytes]
+# encode(obj, buffers) -> ext payload bytes (or a whole ExtType of another code); it
+# appends bulk data to ``buffers`` and records the index. decode(payload, buffers) -> obj.
+Encoder = Callable[[Any, list[Any]], "bytes | msgpack.ExtType"]
 Decoder = Callable[[bytes, Sequence[Any]], Any]
 
 _encoders: dict[type, tuple[int, Encoder]] = {}
@@ -45,7 +55,8 @@ _decoders: dict[int, Decoder] = {}
 # Extensions living in modules that import heavy libraries are loaded on first use:
 # a tensor can only reach the encoder if torch is already imported by the caller.
 _lazy_by_type_module = {"torch": "shardline.tensors"}
-_lazy_by_code = {EXT_TENSOR: "shardline.tensors"}
+_lazy_by_code = {EXT_TENSOR: "shardline.tensors", EXT_CUDA: "shardline.tensors",
+                 EXT_PACKED: "shardline.tensors"}
 
 _HINTS = {
     set: "send a list instead",
@@ -67,6 +78,20 @@ def register_ext(cls: type, code: int, encode: Encoder, decode: Decoder) -> None
     _decoders[code] = decode
 
 
+def register_decoder(code: int, decode: Decoder) -> None:
+    """Teach every codec to decode ext type ``code``, which some other type's encoder
+    produces (a CUDA tensor's IPC handle comes from the tensor encoder)."""
+    _decoders[code] = decode
+
+
+def describe(header: Mapping[str, Any]) -> str:
+    """What a message is, for error messages: ``call 'incr'``, ``spawn``."""
+    kind = header.get("k")
+    if kind in ("call", "tell"):
+        return f"{kind} {header.get('m')!r}"
+    return str(kind)
+
+
 class _Unencodable(Exception):
     def __init__(self, obj: object, reason: str) -> None:
         super().__init__(reason)
@@ -77,25 +102,67 @@ class _Unencodable(Exception):
 def _encode_ndarray(arr: np.ndarray[Any, Any], buffers: list[Any]) -> bytes:
     if arr.dtype.hasobject or arr.dtype.fields is not None or arr.dtype.kind == "V":
         raise _Unencodable(arr, f"numpy dtype {arr.dtype} has no raw-buffer form")
+    shape = list(arr.shape)
+    if shm_wanted(buffers, arr.nbytes):
+        where: Any = None
+        if arr.flags.c_contiguous:
+            where = shm_share(buffers, arr.ctypes.data, arr.nbytes)
+        if where is None:
+            slot = shm_reserve(buffers, arr.nbytes)
+            if slot is not None:
+                dest, where = slot
+                np.copyto(np.frombuffer(dest, dtype=arr.dtype).reshape(arr.shape), arr)
+        if where is not None:
+            return packb([arr.dtype.str, shape, where])
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
     buffers.append(arr.data if arr.ndim else arr.reshape(1).data)
-    return packb([arr.dtype.str, list(arr.shape), len(buffers) - 1])
+    return packb([arr.dtype.str, shape, len(buffers) - 1])
+
+
+class _Incoming(list[Any]):
+    """The buffer frames of the message being decoded, and the node's frame limit
+    (which shared-memory buffers obey too)."""
+
+    __slots__ = ("max_frame_size",)
+    max_frame_size: int
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
+def _shm_buffer(what: str, where: list[Any], buffers: Sequence[Any]) -> Any:
+    if len(where) != 4 or not all(_is_uint(v) for v in where):
+        raise ProtocolError(f"{what} names shared memory as {where!r:.100}; expected "
+                            "[process, segment, offset, nbytes]")
+    proc, seg, offset, nbytes = where
+    limit = getattr(buffers, "max_frame_size", 1 << 30)
+    if nbytes > limit:
+        raise ProtocolError(f"{what} of {nbytes} bytes in shared memory is over the frame "
+                            f"limit of {limit}")
+    from ._exchange import exchange
+
+    return exchange().view(proc, seg, offset, nbytes)
 
 
 def descriptor_buffer(what: str, shape: Any, index: Any, itemsize: int,
                       buffers: Sequence[Any]) -> Any:
-    """The buffer frame an array descriptor ``(dtype, shape, index)`` names, after
-    checking that the index is a frame of this message and that the shape is
-    non-negative ints whose element count fills that frame exactly."""
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(buffers):
-        raise ProtocolError(f"{what} names buffer frame {index!r:.40}; the message has "
-                            f"{len(buffers)} (0 to {len(buffers) - 1})")
+    """The buffer an array descriptor ``(dtype, shape, where)`` names, after checking
+    that ``where`` is a frame of this message (an index) or shared memory lent by a
+    process on this host (``[process, segment, offset, nbytes]``) and that the shape is
+    non-negative ints whose element count fills that buffer exactly."""
     if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ProtocolError(f"{what} shape must be a list of non-negative integers, "
                             f"got {shape!r:.100}")
-    buf = buffers[index]
+    if isinstance(index, list):
+        buf = _shm_buffer(what, index, buffers)
+    elif not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(buffers):
+        raise ProtocolError(f"{what} names buffer frame {index!r:.40}; the message has "
+                            f"{len(buffers)} (0 to {len(buffers) - 1})")
+    else:
+        buf = buffers[index]
     nbytes = memoryview(buf).nbytes
     needed = math.prod(shape) * itemsize
     if needed != nbytes:
@@ -152,7 +219,7 @@ class Codec:
     """
 
     def __init__(self, extra: Mapping[type, tuple[int, Encoder, Decoder]] | None = None,
-                 *, max_header_size: int = 16 << 20) -> None:
+                 *, max_header_size: int = 16 << 20, max_frame_size: int = 1 << 30) -> None:
         self._extra_enc = {cls: (code, enc) for cls, (code, enc, _) in (extra or {}).items()}
         self._extra_dec = {code: dec for _, (code, _, dec) in (extra or {}).items()}
         self._buffers: list[Any] = []
@@ -160,27 +227,50 @@ class Codec:
         self._packer = msgpack.Packer(default=self._default, use_bin_type=True,
                                       datetime=False)
         self.max_header_size = max_header_size
+        self.max_frame_size = max_frame_size
+        # None: never shared memory, whatever the peer
+        self.shm_min_bytes = default_shm_min_bytes()
+        self._no_frames = _Incoming()
 
     # -- encoding --------------------------------------------------------------
 
-    def encode(self, header: dict[str, Any], what: str = "message") -> list[Any]:
-        """``[header_bytes, *buffers]``; ``SerializationError`` names what cannot go."""
-        buffers: list[Any] = []
+    def encode(self, header: dict[str, Any], what: str | None = None,
+               link: Link | None = None) -> list[Any]:
+        """``[header_bytes, *buffers]``; ``SerializationError`` names what cannot go
+        (as ``what``, by default ``describe(header)``). ``link``: the peer is a process
+        on this host, reachable by shared memory (large buffers then go there; the
+        result is ``Frames``)."""
+        if link is None or self.shm_min_bytes is None:
+            buffers: list[Any] = []
+        else:
+            buffers = Buffers(link, self.shm_min_bytes)
         self._buffers = buffers
         try:
             data = self._packer.pack(header)
-        except _Unencodable as exc:
+            if len(data) > self.max_header_size:
+                raise SerializationError(
+                    f"{what} header is {len(data)} bytes, over the limit of "
+                    f"{self.max_header_size}; send bulk data as numpy arrays or tensors "
+                    "(they travel as raw frames)")
+        except BaseException as exc:
             self._packer.reset()
-            raise self._unencodable(header, exc.obj, exc.reason, what) from None
-        except (OverflowError, ValueError, TypeError) as exc:
-            self._packer.reset()
-            raise SerializationError(f"{what} cannot be encoded: {exc}") from None
+            what = what or describe(header)
+            if type(buffers) is Buffers and buffers.placed:
+                from ._exchange import exchange
+
+                exchange().unlend(buffers.placed)
+            if isinstance(exc, _Unencodable):
+                raise self._unencodable(header, exc.obj, exc.reason, what) from None
+            if isinstance(exc, (OverflowError, ValueError, TypeError)):
+                raise SerializationError(f"{what} cannot be encoded: {exc}") from None
+            raise
         finally:
             self._buffers = []
-        if len(data) > self.max_header_size:
-            raise SerializationError(
-                f"{what} header is {len(data)} bytes, over the limit of {self.max_header_size}; "
-                "send bulk data as numpy arrays or tensors (they travel as raw frames)")
+        if type(buffers) is Buffers and buffers.placed:
+            frames = Frames([data, *buffers])
+            frames.placed = buffers.placed
+            frames.shm_bytes = buffers.shm_bytes
+            return frames
         if buffers:
             return [data, *buffers]
         return [data]
@@ -198,9 +288,12 @@ class Codec:
                 raise _Unencodable(obj, "msgpack cannot carry it and no extension is registered")
         code, encode = entry
         try:
-            return msgpack.ExtType(code, encode(obj, self._buffers))
+            payload = encode(obj, self._buffers)
         except SerializationError as exc:
             raise _Unencodable(obj, str(exc)) from None
+        if type(payload) is msgpack.ExtType:
+            return payload  # the encoder chose another form (a CUDA tensor's IPC handle)
+        return msgpack.ExtType(code, payload)
 
     def _find_encoder(self, cls: type) -> tuple[int, Encoder] | None:
         module = cls.__module__.partition(".")[0]
@@ -238,7 +331,9 @@ class Codec:
         if len(header) > self.max_header_size:
             raise ProtocolError(
                 f"header of {len(header)} bytes is over the limit of {self.max_header_size}")
-        self._frames = frames
+        incoming = _Incoming(frames) if frames else self._no_frames
+        incoming.max_frame_size = self.max_frame_size
+        self._frames = incoming
         try:
             msg = msgpack.unpackb(header, ext_hook=self._ext_hook, raw=False,
                                   strict_map_key=False, timestamp=0)

@@ -27,9 +27,17 @@ class KeyPair:
         return cls(public, secret)
 
     @classmethod
-    def write(cls, directory: str | os.PathLike[str]) -> KeyPair:
-        """Create ``DIR/node.key`` (public, shareable) and ``DIR/node.key_secret`` (0600)."""
+    def write(cls, directory: str | os.PathLike[str], *, overwrite: bool = False) -> KeyPair:
+        """Create ``DIR/node.key`` (public, shareable) and ``DIR/node.key_secret`` (0600).
+
+        A keypair already in ``DIR`` is kept: ``FileExistsError``, unless ``overwrite``
+        (replacing it locks the old public key out of every allow-list holding it)."""
         path = Path(directory)
+        if not overwrite:
+            for name in (f"{_NAME}.key", f"{_NAME}.key_secret"):
+                if (path / name).exists():
+                    raise FileExistsError(f"{path / name} exists: {path} already holds a "
+                                          "keypair")
         path.mkdir(parents=True, exist_ok=True)
         _, secret_file = zmq.auth.create_certificates(str(path), _NAME)
         os.chmod(secret_file, 0o600)

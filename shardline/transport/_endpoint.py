@@ -24,6 +24,7 @@ from .._errors import NodeLost, ProtocolError, ShardlineError, Unauthorized
 from ._address import is_loopback, parse_tcp, primary_address, split_key, with_key
 from ._codec import Codec
 from ._curve import KeyPair
+from ._exchange import Link, exchange, poll_exchange
 from ._loopsock import LoopSocket
 from ._outgoing import Outgoing
 from ._peer import Peer
@@ -32,6 +33,9 @@ from ._wire import PROTOCOL_VERSION, Limits, error_to_wire, salvage_id
 __all__ = ["Endpoint", "Reply", "RequestHandler"]
 
 log = logging.getLogger("shardline.transport")
+
+# Client connections whose shared-memory link a node remembers (oldest forgotten first).
+_MAX_SHM_ROUTES = 4096
 
 
 class Reply:
@@ -72,7 +76,8 @@ class Reply:
         endpoint.inflight.pop((self._route, self._id), None)
         try:
             frames = endpoint.codec.encode(
-                {"v": PROTOCOL_VERSION, "k": "reply", "id": self._id, "r": value}, "result")
+                {"v": PROTOCOL_VERSION, "k": "reply", "id": self._id, "r": value}, "result",
+                endpoint.shm_links.get(self._route))
         except ShardlineError as exc:
             frames = endpoint.error_frames(self._id, exc)
         endpoint.router_send(self._route, frames, self._id)
@@ -101,6 +106,7 @@ class Endpoint:
             raise ValueError("max_queued_bytes must be >= 1")
         self.node_id = node_id
         self.codec = codec
+        codec.max_frame_size = limits.max_frame_size  # shared-memory buffers obey it too
         self.limits = limits
         self.peer_timeout = peer_timeout
         self.heartbeat_interval = heartbeat_interval or peer_timeout / 5
@@ -129,6 +135,9 @@ class Endpoint:
         # What the hello answer says about this node beyond its id (host, devices, ...);
         # the layer above fills it in.
         self.info: dict[str, Any] = {}
+        # route -> shared memory toward that client's process, when its hello said it
+        # runs on this host (its replies' large buffers go there).
+        self.shm_links: dict[bytes, Link] = {}
         self._closed = False
 
     # -- sockets -------------------------------------------------------------------
@@ -227,6 +236,12 @@ class Endpoint:
         """Replies queued toward this node's clients (None: the node does not listen)."""
         return None if self._outgoing is None else self._outgoing.statistics()
 
+    def shm_info(self) -> dict[str, Any] | None:
+        """What this node's hellos say about shared memory (None: it is not used)."""
+        if self.codec.shm_min_bytes is None:
+            return None
+        return exchange().hello_info()
+
     def error_frames(self, rid: int, exc: BaseException) -> list[Any]:
         return self.codec.encode(
             {"v": PROTOCOL_VERSION, "k": "error", "id": rid, "e": error_to_wire(exc)})
@@ -248,7 +263,8 @@ class Endpoint:
                 f"{self.limits.max_frames}"))
             return
         try:
-            msg = self.codec.decode(header, [f.buffer for f in frames[2:]])
+            msg = self.codec.decode(header, [f.buffer for f in frames[2:]]
+                                    if len(frames) > 2 else [])
         except ProtocolError as exc:
             self._refuse(route, header, exc)
             return
@@ -274,8 +290,17 @@ class Endpoint:
         if kind == "call":
             self.inflight[(route, rid)] = reply
         elif kind == "hello":
-            reply.set_result({"v": PROTOCOL_VERSION, "node": self.node_id,
-                              "addr": self.address, "info": self.info})
+            answer = {"v": PROTOCOL_VERSION, "node": self.node_id, "addr": self.address,
+                      "info": self.info}
+            shm = self.shm_info() if "shm" in msg else None
+            if shm is not None:
+                answer["shm"] = shm
+                link = exchange().link_to(msg["shm"])
+                if link is not None:
+                    if len(self.shm_links) >= _MAX_SHM_ROUTES:
+                        del self.shm_links[next(iter(self.shm_links))]
+                    self.shm_links[route] = link
+            reply.set_result(answer)
             return
         try:
             self._handler(msg, reply)
@@ -379,6 +404,7 @@ class Endpoint:
                 last_ping = now
             if self._outgoing is not None:
                 self._outgoing.sweep(now, self.awake_since)
+            poll_exchange()  # shared memory: releases, dead peers, idle segments
             for peer in list(self._peers.values()):
                 silent = now - max(peer.last_seen, self.awake_since)
                 if silent > self.peer_timeout:

@@ -28,6 +28,7 @@ import anyio
 import zmq
 
 from ._loopsock import LoopSocket
+from ._placement import discard, message_size
 
 __all__ = ["Outgoing"]
 
@@ -121,6 +122,7 @@ class Outgoing:
             if self._push(route, client, frames, n, now):
                 return
         elif rid is not None and in_socket + client.backlog_bytes + n > self.max_bytes:
+            discard(frames)
             frames = self._refusal(rid, n, in_socket + client.backlog_bytes)
             n = _size(frames)
             client.refused += 1
@@ -135,14 +137,16 @@ class Outgoing:
               now: float) -> bool:
         """Hand one message to ZeroMQ; False if its queue for ``route`` is full."""
         track = n >= _TRACK_MIN or client.untracked + n >= _SAMPLE
+        parts = frames
         if track:
             last = zmq.Frame(frames[-1], copy=False, track=True)
-            frames = [*frames[:-1], last]
+            parts = [*frames[:-1], last]
         try:
-            self._router.send_or_raise([route, *frames])
+            self._router.send_or_raise([route, *parts])
         except zmq.Again:
             return False  # at the high-water mark (in messages): wait in the backlog
         except zmq.ZMQError as exc:
+            discard(frames)
             if exc.errno == _EHOSTUNREACH:
                 self._forget(route)  # the client disconnected: nobody to answer
             else:  # the socket is closing: the node is shutting down
@@ -218,14 +222,20 @@ class Outgoing:
                     "queued (max_queued_bytes=%d); its backlog is discarded",
                     now - client.progress_at, client.queued, self.max_bytes)
         client.dropped = True
+        for frames, _ in client.backlog:
+            discard(frames)
         client.backlog.clear()
         client.backlog_bytes = 0
         self._backlogged.discard(route)
         self.dropped += 1
 
     def _forget(self, route: bytes) -> None:
-        self._clients.pop(route, None)
+        client = self._clients.pop(route, None)
         self._backlogged.discard(route)
+        if client is not None:
+            for frames, _ in client.backlog:
+                discard(frames)
+            client.backlog.clear()
 
     def sweep(self, now: float, awake_since: float) -> None:
         """Drop clients that stalled over their budget; forget clients with nothing
@@ -255,4 +265,5 @@ class Outgoing:
 
 
 def _size(frames: list[Any]) -> int:
-    return sum(memoryview(f).nbytes for f in frames)
+    # Shared memory counts: what a slow client holds there is memory too.
+    return message_size(frames)

@@ -15,7 +15,10 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .._errors import AskTimeout, NodeLost, ProtocolError, ShardlineError, Unauthorized
 from ._address import parse_tcp
+from ._codec import describe
+from ._exchange import Link, exchange
 from ._loopsock import LoopSocket
+from ._placement import message_size
 from ._wire import PROTOCOL_VERSION, error_from_wire, salvage_id
 
 if TYPE_CHECKING:
@@ -66,6 +69,9 @@ class Peer:
         self._window_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Shared memory toward the node, when its process is on this host (the hello
+        # says): large buffers then go through it instead of the TCP connection.
+        self.shm: Link | None = None
         self._established = False  # a ZMTP handshake succeeded
         # Set during a reconnect: a refused connection then means the node is gone,
         # while a first connect waits (the node may still be starting).
@@ -101,8 +107,8 @@ class Peer:
             raise NodeLost(f"node {self.address} is lost ({self.lost_reason})")
         rid = next(self._ids)
         header["id"] = rid
-        frames = self.endpoint.codec.encode(header, _what(header))
-        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
+        frames = self.endpoint.codec.encode(header, None, self.shm)
+        self.bytes_sent += message_size(frames)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self.pending[rid] = fut
         self.sock.send(frames)
@@ -171,9 +177,14 @@ class Peer:
     def _on_message(self, frames: list[Any]) -> None:
         self.last_seen = time.monotonic()
         header = frames[0]
-        self.bytes_received += len(header) + sum(f.buffer.nbytes for f in frames[1:])
+        if len(frames) == 1:
+            self.bytes_received += len(header)
+            buffers = []
+        else:
+            buffers = [f.buffer for f in frames[1:]]
+            self.bytes_received += len(header) + sum(b.nbytes for b in buffers)
         try:
-            msg = self.endpoint.codec.decode(header, [f.buffer for f in frames[1:]])
+            msg = self.endpoint.codec.decode(header, buffers)
         except ProtocolError as exc:
             rid = salvage_id(header)
             fut = self.pending.pop(rid, None) if rid is not None else None
@@ -231,6 +242,9 @@ class Peer:
         self._refused_is_lost = refused_is_lost
         header = {"v": PROTOCOL_VERSION, "k": "hello", "node": self.endpoint.node_id,
                   "addr": self.endpoint.address}
+        shm = self.endpoint.shm_info()
+        if shm is not None:
+            header["shm"] = shm
         try:
             info = await self.call(header, timeout)
         except AskTimeout:
@@ -246,6 +260,8 @@ class Peer:
         self.node_id = node
         # what the node says about itself (host, pid, devices): the layers above read it
         self.info = info.get("info")
+        if shm is not None:
+            self.shm = exchange().link_to(info.get("shm"))
         self._refused_is_lost = False
 
     def _stop_monitor(self) -> None:
@@ -287,8 +303,4 @@ class Peer:
         return f"<Peer {self.address} {state}, {len(self.pending)} pending>"
 
 
-def _what(header: dict[str, Any]) -> str:
-    kind = header.get("k")
-    if kind in ("call", "tell"):
-        return f"{kind} {header.get('m')!r}"
-    return str(kind)
+_what = describe
