@@ -1,19 +1,18 @@
 """``shardline serve``'s flags (no heavy imports: the CLI builds them on every run).
 
-Every value is checked here, as argparse reads it, so a bad one is a one-line error and
-exit code 2 before anything starts."""
+Every value is checked here, as argparse reads it (``shardline._argtypes``), so a bad one
+is a one-line error and exit code 2 before anything starts; values that are bad only
+together, or for the model, are checked by ``_main.serve_command`` before it starts
+anything."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import NoReturn
 
+from .._argtypes import LOG_LEVELS, at_least, log_level, non_negative_float, port, positive_float
 from . import _limits
 
-__all__ = ["LOG_LEVELS", "add_arguments", "one_line"]
-
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+__all__ = ["add_arguments", "one_line"]
 
 MODEL_HELP = ("what to serve: minilm (sentence embeddings, all-MiniLM-L6-v2); gpt:DIR "
               "(completions from the reference byte-level GPT saved in DIR by "
@@ -24,42 +23,15 @@ MODEL_HELP = ("what to serve: minilm (sentence embeddings, all-MiniLM-L6-v2); gp
 
 
 def one_line(message: str) -> str:
-    """What a bad value of ``shardline serve`` is told as (with exit code 2)."""
+    """What a bad combination of values is told as (with exit code 2), in the form of
+    argparse's own errors (``_argtypes.Parser``)."""
     return f"shardline serve: {message}\n"
 
 
-def _bounded(kind: type[int] | type[float], low: float,
-             high: float | None = None) -> Callable[[str], float]:
-    what = "an integer" if kind is int else "a number"
-    span = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
-
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what} {span}, got {text!r}") from None
-        if value != value or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {what} {span}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _level(text: str) -> str:
-    if text.lower() not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, "
-                                         f"got {text!r}")
-    return text.lower()
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    def error(message: str) -> NoReturn:
-        parser.exit(2, one_line(f"{message} (see --help)"))
-
-    # argparse reports a bad value with the whole usage first (several lines); one line
-    # names the flag and the value, and --help has the rest.
-    parser.error = error  # type: ignore[method-assign]
-    at_least_1 = _bounded(int, 1)
+    """The flags, on the ``serve`` subparser (an ``_argtypes.Parser``: a bad value is one
+    line naming the flag)."""
+    at_least_1 = at_least(1)
     parser.add_argument("--model", default="minilm", help=MODEL_HELP)
     parser.add_argument("--name", default=None,
                         help="the model's id in the API, what requests give as 'model' "
@@ -74,13 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="copies of every stage, each on its own worker: a request "
                         "on a copy that is lost runs again on another (default: "
                         "%(default)s)")
-    parser.add_argument("--workers", type=_bounded(int, 0), default=None,
+    parser.add_argument("--workers", type=at_least(0), default=None,
                         help="worker processes holding the stages, restarted when one "
                         "dies; 0: the stages run in the server process (default: one per "
                         "stage and replica; fewer: they share workers)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=_bounded(int, 0, 65535), default=8000,
+    parser.add_argument("--port", type=port, default=8000,
                         help="port to listen on; 0: any free port, which the first line "
                         "on stdout names (default: %(default)s)")
     parser.add_argument("--api-key", default=None,
@@ -88,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "/trace (default: none required)")
     parser.add_argument("--max-batch", type=at_least_1, default=32,
                         help="embeddings: texts per pipeline batch (default: %(default)s)")
-    parser.add_argument("--max-wait-ms", type=_bounded(float, 0), default=5.0,
+    parser.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
                         help="embeddings: how long a batch waits for more texts before it "
                         "runs (default: %(default)s)")
     parser.add_argument("--max-queue", type=at_least_1, default=1024,
@@ -98,15 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="microbatches per pipeline call (default: the stage count)")
     parser.add_argument("--max-body-bytes", type=at_least_1, default=_limits.MAX_BODY_BYTES,
                         help="larger request bodies get 413 (default: %(default)s)")
-    parser.add_argument("--header-timeout", type=_bounded(float, 1e-3),
+    parser.add_argument("--header-timeout", type=positive_float,
                         default=_limits.HEADER_TIMEOUT,
                         help="seconds to send a request's head, from the connection's "
                         "opening or the request's first byte; then the connection is "
                         "closed (default: %(default)s)")
-    parser.add_argument("--body-timeout", type=_bounded(float, 1e-3),
+    parser.add_argument("--body-timeout", type=positive_float,
                         default=_limits.BODY_TIMEOUT,
                         help="seconds for a request's body to arrive in full; then 408 "
                         "(default: %(default)s)")
-    parser.add_argument("--log-level", type=_level, default="warning",
-                        help=f"{' | '.join(LOG_LEVELS)}: what goes to stderr; recoveries "
+    parser.add_argument("--log-level", type=log_level, default="warning",
+                        help=f"{' | '.join(LOG_LEVELS).lower()}: what goes to stderr; recoveries "
                         "are warnings (default: %(default)s)")

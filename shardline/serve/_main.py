@@ -128,7 +128,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
                     header_timeout=args.header_timeout, drain_timeout=args.body_timeout,
                     on_close=lambda reason: closed.labels(reason).inc())
                 config = uvicorn.Config(app, http=protocol, ws="none", lifespan="off",
-                                        log_level=args.log_level, access_log=False)
+                                        log_level=args.log_level.lower(),
+                                        access_log=False)
                 server = uvicorn.Server(config)
                 # What the model and the libraries allocated stays for good: out of the
                 # collector's way, so its full passes (which hold the GIL, and so the
