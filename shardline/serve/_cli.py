@@ -25,7 +25,7 @@ MODEL_HELP = ("what to serve: minilm (sentence embeddings, all-MiniLM-L6-v2); gp
 def one_line(message: str) -> str:
     """What a bad combination of values is told as (with exit code 2), in the form of
     argparse's own errors (``_argtypes.Parser``)."""
-    return f"shardline serve: {message}\n"
+    return f"shardline serve: {message} (see 'shardline serve --help')\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
