@@ -135,9 +135,19 @@ async def test_a_busy_pipeline_is_healthy_and_a_silent_one_is_not() -> None:
         async with recovery:
             with pytest.raises(TimeoutError):
                 await recovery.check(0.3)  # nothing else got through: not healthy
-            recovery.progress(time.monotonic() - 60)  # a call from before the check
+            recovery.progress(time.monotonic())  # a call that came out before the check
             with pytest.raises(TimeoutError):
-                await recovery.check(0.3)  # proves nothing about the stages now
+                await recovery.check(0.3)  # says nothing of the stages since
+            async with anyio.create_task_group() as tg:
+                async def late(since: float) -> None:
+                    await anyio.sleep(0.1)
+                    recovery.progress(since)
+
+                tg.start_soon(late, time.monotonic() - 60)  # went in long ago
+                with pytest.raises(TimeoutError):
+                    await recovery.check(0.3)  # it may have passed a stage before it died
+                tg.start_soon(late, time.monotonic() - 0.2)  # went in just before
+                await recovery.check(0.3)  # queued ahead of the check: the stages move
             async with anyio.create_task_group() as tg:
                 async def busy() -> None:
                     while not stuck.is_set():

@@ -79,6 +79,9 @@ class Recovery:
         self._probe: _Probe | None = None
         self._tg: TaskGroup | None = None
         self.last_progress = -math.inf
+        """When the latest call to come out of the pipeline went in (of those that came
+        out, the latest to go in)."""
+        self._progress_count = 0
         self.spans: deque[Span] = deque(maxlen=1000)
 
     async def __aenter__(self) -> Recovery:
@@ -99,10 +102,14 @@ class Recovery:
 
     def progress(self, since: float) -> None:
         """A real call that entered the pipeline at ``since`` (``time.monotonic()``)
-        came out of its last stage just now. Only calls that entered after a health
-        check began count for it: one that was already past a stage when that stage
-        died proves nothing."""
-        self.last_progress = max(self.last_progress, since)
+        came out of its last stage just now. A health check counts it if it came out
+        while the check waited and entered at most the check's timeout before the check
+        began: calls queue behind each other, so under load the ones that come out
+        first went in before the check; one that went in long ago may have been past a
+        stage before that stage died, and proves nothing about it."""
+        if since > self.last_progress:
+            self.last_progress = since
+            self._progress_count += 1
 
     def refusing(self) -> bool:
         """A worker is lost and the model has no other copy: until the stages it held
@@ -124,25 +131,27 @@ class Recovery:
                          "stages are being rebuilt" for address, since in self._lost.items())
 
     async def check(self, timeout: float) -> None:
-        """Returns if one call went through every stage, or if a real call that entered
-        the pipeline after this check began came out of it meanwhile (busy, not dead);
-        raises ``TimeoutError`` or the call's error.
+        """Returns if one call went through every stage, or if real calls got through
+        every stage while this one waited (busy, not dead: see ``progress``); raises
+        ``TimeoutError`` or the call's error.
         The call runs in a task of its own, so a caller that gives up does not cancel
         it (it may be the call that rebuilds a lost stage)."""
         assert self._tg is not None, "use Recovery inside 'async with'"
         asked = time.monotonic()
+        seen = self._progress_count
         probe = self._probe
         if probe is None or probe.done.is_set():
             probe = self._probe = _Probe()
             self._tg.start_soon(self._run_probe, probe)
-        deadline = time.monotonic() + timeout
+        deadline = asked + timeout
         while not probe.done.is_set():
-            if self.last_progress >= max(asked, probe.started):
-                return  # busy, not dead: a call that came after this one got through
+            if self._progress_count != seen and self.last_progress >= asked - timeout:
+                return  # busy, not dead: a recent call came out while this one waited
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"a call through every stage did not return within "
-                                   f"{timeout} s, and no other call got through meanwhile")
+                                   f"{timeout} s, and no other recent call got through "
+                                   "meanwhile")
             with anyio.move_on_after(min(left, 0.05)):
                 await probe.done.wait()
         if probe.error is not None:
