@@ -115,6 +115,7 @@ class Recovery:
         """A worker is lost and the model has no other copy: until the stages it held
         are rebuilt, requests would only wait. (With replicas they go on: to a copy that
         is whole, or they wait the few seconds the pipeline takes to rebuild.)"""
+        self._notice()
         return bool(self._lost) and self.pipe.replicas == 1
 
     def retry_after(self) -> int:
@@ -172,14 +173,22 @@ class Recovery:
         assert self.cluster is not None and self._tg is not None
         next_stats = time.monotonic()
         while True:
-            for node, ended in self.cluster.lost[self._seen_losses:]:
-                self._seen_losses += 1
-                self._lost[node.address] = time.monotonic()
-                self._tg.start_soon(self._replace, node, ended)
+            self._notice()
             if time.monotonic() >= next_stats:  # a recovery nothing here started
                 await self._note_pipeline_recoveries()
                 next_stats = time.monotonic() + 5.0
             await anyio.sleep(self.poll)
+
+    def _notice(self) -> None:
+        """Take up the workers the cluster has seen end since the last look: asked by
+        every request too, not only by the poll, so that none is told the model is
+        whole in the moment between a worker's end and the next poll."""
+        if self.cluster is None or self._tg is None:
+            return
+        for node, ended in self.cluster.lost[self._seen_losses:]:
+            self._seen_losses += 1
+            self._lost[node.address] = time.monotonic()
+            self._tg.start_soon(self._replace, node, ended)
 
     async def _replace(self, node: RemoteNode, ended: WorkerExit) -> None:
         assert self.cluster is not None
