@@ -14,8 +14,12 @@ which tells a leak, growing all along, from the allocator settling, which stops)
 server's event-loop lag p99 (from its /metrics), throughput. A JSON line every minute
 (or quarter of the measured part, if shorter), one at the end.
 
-``--kill-every S`` SIGKILLs a random worker every S seconds (off by default): until the
-server replaces lost workers, requests after a kill get 503.
+``--kill-every S`` SIGKILLs a random worker every S seconds (off by default): the server
+restarts it and rebuilds its stage, and requests in the gap get 503 with Retry-After
+(counted apart: ``503_retry_after``; a 503 outside a gap, /healthz's included, or any
+other 5xx is a failure). The JSON lines then
+say how long each kill took to heal (kill to /healthz 200) and what the recoveries
+counters say; a restarted worker's memory is measured from its own start.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ class Client:
         self.writer: asyncio.StreamWriter | None = None
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        status, payload, _ = await self.exchange(method, path, body)
+        return status, payload
+
+    async def exchange(self, method: str, path: str,
+                       body: bytes = b"") -> tuple[int, bytes, bool]:
+        """Status, body, and whether the answer says Retry-After."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -63,7 +73,7 @@ class Client:
         try:
             head = await self.reader.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
-            length, close = 0, False
+            length, close, retry = 0, False, False
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
@@ -71,13 +81,15 @@ class Client:
                     length = int(value)
                 elif name == b"connection" and b"close" in value.lower():
                     close = True
+                elif name == b"retry-after":
+                    retry = True
             payload = await self.reader.readexactly(length)
         except BaseException:
             self.close()
             raise
         if close:
             self.close()
-        return status, payload
+        return status, payload, retry
 
     def close(self) -> None:
         if self.writer is not None:
@@ -97,6 +109,8 @@ class Soak:
         self.hostile: dict[str, Counter[str]] = {kind: Counter() for kind in HOSTILE}
         self.texts_embedded = 0
         self.kills = 0
+        self.healed_s: list[float] = []  # kill to /healthz 200, each kill
+        self.healing = False  # from a kill to /healthz 200: the gap a 503 is allowed in
         self.measuring = False
 
     def count(self, status: int | str, kind: str | None = None) -> None:
@@ -127,7 +141,7 @@ class Soak:
                         "encoding_format": self.rng.choice(("float", "base64"))}).encode()
                 try:
                     with anyio.fail_after(self.opts.request_timeout):
-                        status, _ = await conn.request(method, path, body)
+                        status, _, retry = await conn.exchange(method, path, body)
                 except TimeoutError:
                     self.count("client_timeout")
                     if self.measuring:
@@ -137,6 +151,11 @@ class Soak:
                     self.count("connection_error")
                     if self.measuring:
                         self.failures[f"connection_error {path}"] += 1
+                    continue
+                if status == 503 and retry and self.healing:
+                    # a killed worker is being replaced: what the server must answer
+                    self.count("503_retry_after")
+                    await anyio.sleep(0.5)
                     continue
                 self.count(status)
                 if status >= 300 and self.measuring:
@@ -192,10 +211,26 @@ class Soak:
         while True:
             await anyio.sleep(self.opts.kill_every)
             workers = children(server_pid)
-            if workers:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.rng.choice(workers), signal.SIGKILL)
-                    self.kills += 1
+            if not workers:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                self.healing = True
+                os.kill(self.rng.choice(workers), signal.SIGKILL)
+                killed = time.monotonic()
+                self.kills += 1
+                await anyio.sleep(0.3)  # the server notices at once
+                conn = Client(self.host, self.port)
+                try:
+                    while True:
+                        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                            if (await conn.request("GET", "/healthz"))[0] == 200:
+                                break
+                        await anyio.sleep(0.1)
+                finally:
+                    conn.close()
+                self.healed_s.append(round(time.monotonic() - killed, 2))
+                await anyio.sleep(1.0)  # answers already on their way
+                self.healing = False
 
 
 async def _until_closed(reader: asyncio.StreamReader) -> str:
@@ -259,8 +294,8 @@ async def run(url: str, proc: subprocess.Popen[str], texts: list[str],
     soak = Soak(url, texts, opts)
     warmup = min(60.0, opts.seconds / 5)
     stop = anyio.Event()
-    workers = children(proc.pid)
-    idle_rss = {"server": rss_mb(proc.pid), "workers": [rss_mb(w) for w in workers]}
+    idle_rss = {"server": rss_mb(proc.pid),
+                "workers": [rss_mb(w) for w in children(proc.pid)]}
     async with anyio.create_task_group() as tg:
         for _ in range(opts.clients):
             tg.start_soon(soak.client, stop, tg)
@@ -271,7 +306,9 @@ async def run(url: str, proc: subprocess.Popen[str], texts: list[str],
         started = time.monotonic()
         before = await scrape(soak.host, soak.port)
         def rss() -> dict[str, Any]:
-            return {"server": rss_mb(proc.pid), "workers": [rss_mb(w) for w in workers]}
+            workers = children(proc.pid)  # restarted ones too, after a kill
+            return {"server": rss_mb(proc.pid), "pids": workers,
+                    "workers": [rss_mb(w) for w in workers]}
 
         start_rss = rss()
         measured = opts.seconds - warmup
@@ -284,7 +321,8 @@ async def run(url: str, proc: subprocess.Popen[str], texts: list[str],
                 emit(bench="soak", progress_s=round(samples[-1][0]),
                      by_status=dict(soak.statuses), failures=dict(soak.failures),
                      server_rss_mb=samples[-1][1]["server"],
-                     workers_rss_mb=samples[-1][1]["workers"])
+                     workers_rss_mb=samples[-1][1]["workers"], kills=soak.kills,
+                     kill_to_healthz_s=list(soak.healed_s))
         elapsed = time.monotonic() - started
         after = await scrape(soak.host, soak.port)
         end_rss = rss()
@@ -297,12 +335,18 @@ async def run(url: str, proc: subprocess.Popen[str], texts: list[str],
         return None if a is None or b is None else round(b / a - 1, 4)
 
     def growths(a: dict[str, Any], b: dict[str, Any]) -> list[float | None]:
+        """The server's, then each worker's; None for a worker restarted in between (a
+        new process: its growth since its own start is not comparable)."""
+        before = dict(zip(a["pids"], a["workers"], strict=True))
         return [growth(a["server"], b["server"])] + [
-            growth(x, y) for x, y in zip(a["workers"], b["workers"], strict=True)]
+            growth(before.get(pid), y) for pid, y in zip(b["pids"], b["workers"],
+                                                         strict=True)]
 
     whole, second_half = growths(start_rss, end_rss), growths(middle, end_rss)
     ok = sum(n for code, n in soak.statuses.items() if code.startswith("2"))
-    server_5xx = {code: n for code, n in soak.statuses.items() if code.startswith("5")}
+    # a 503 with Retry-After while a killed worker is replaced is the answer asked for
+    server_5xx = {code: n for code, n in soak.statuses.items()
+                  if code.startswith("5") and code != "503_retry_after"}
     for kind in HOSTILE:
         for code, n in soak.hostile[kind].items():
             if code.startswith("5"):
@@ -327,7 +371,10 @@ async def run(url: str, proc: subprocess.Popen[str], texts: list[str],
         "loop_lag_p50_s": lag_quantile(before, after, 0.50),
         "loop_lag_p99_s": lag_quantile(before, after, 0.99),
         "loop_lag_max_s": lag_quantile(before, after, 1.0),
-        "kills": soak.kills,
+        "kills": soak.kills, "kill_to_healthz_s": soak.healed_s,
+        "503_retry_after": soak.statuses.get("503_retry_after", 0),
+        "recoveries": {k.split('"')[1]: v for k, v in after.items()
+                       if k.startswith("shardline_recoveries_total{")},
     }
 
 
@@ -363,15 +410,20 @@ def main() -> None:
                 1 for line in log.read_text().splitlines()
                 if "ERROR" in line or "Traceback" in line)
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+            stop_server(proc)
     emit(**result)
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    """SIGINT (the server stops its workers), SIGKILL if it has not ended in 30 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-__all__ = ["LOG_LEVELS", "Parser", "at_least", "log_level", "module_name", "port",
-           "positive_float"]
+__all__ = ["LOG_LEVELS", "Parser", "at_least", "log_level", "module_name",
+           "non_negative_float", "port", "positive_float"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -50,6 +50,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not a number above 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (a wait that may be none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of 0 or more")
     return value
 
 

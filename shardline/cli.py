@@ -152,11 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from .serve._main import serve_command
 
-        try:
-            level = log_level(args.log_level)
-        except argparse.ArgumentTypeError as exc:
-            return _usage_error("serve", f"argument --log-level: {exc}")
-        _log_to_stderr(level)
+        _log_to_stderr(args.log_level)  # checked by its type, like every serve flag
         return serve_command(args)
     if args.command == "keys":
         return _generate_keys(args.dir, args.force)

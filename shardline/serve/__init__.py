@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["CompletionService", "EmbeddingService", "InputError", "ServeMetrics",
-           "create_app"]
+__all__ = ["CompletionService", "EmbeddingService", "InputError", "Recovery",
+           "ServeMetrics", "Unavailable", "create_app"]
 
 _WHERE = {"CompletionService": "._service", "EmbeddingService": "._service",
-          "InputError": "._service", "ServeMetrics": "._metrics", "create_app": "._app"}
+          "InputError": "._service", "Recovery": "._healing", "ServeMetrics": "._metrics",
+          "Unavailable": "._service", "create_app": "._app"}
 
 
 def __getattr__(name: str) -> object:

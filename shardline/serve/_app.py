@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import secrets
-import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -21,24 +18,24 @@ from starlette.types import ASGIApp
 
 from .._errors import ShardlineError
 from ..models import QueueFull
-from . import _limits, _schema
+from . import _completions, _limits, _schema
+from ._completions import Answer
 from ._errors import Reject, error_response
 from ._gate import CLIENT_GONE, Gate
 from ._json import embeddings_json, parse
 from ._metrics import ServeMetrics
-from ._service import CompletionService, EmbeddingService, InputError
+from ._service import INLINE_CHARS, CompletionService, EmbeddingService, InputError, Unavailable
 
 Service = EmbeddingService | CompletionService
 
 __all__ = ["create_app"]
 
 S = TypeVar("S", EmbeddingService, CompletionService)
-N = TypeVar("N", int, float)
+T = TypeVar("T")
 
 log = logging.getLogger("shardline.serve")
 
 MAX_INPUTS = 2048  # per embeddings request, as OpenAI's API
-SEEDS = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 
 
 def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
@@ -73,6 +70,12 @@ def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
         # Not an error of ours: nobody is there to read this, and Gate counts it as such.
         return Response(status_code=CLIENT_GONE)
 
+    async def off_loop(encode: Callable[[T], list[int]], text: T, size: int) -> list[int]:
+        """A long text is tokenized (and a chat template rendered) on a worker thread."""
+        if size <= INLINE_CHARS:
+            return encode(text)
+        return await anyio.to_thread.run_sync(encode, text, limiter=cpu)
+
     async def body_of(request: Request) -> dict[str, Any]:
         body = await parse(await request.body(), cpu)
         if not isinstance(body, dict):
@@ -102,7 +105,7 @@ def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
         try:
             vectors = await service.embed(rows)
         except ShardlineError as exc:
-            raise _model_error(exc) from None
+            raise _model_error(exc, service) from None
         tokens = sum(map(len, rows))
         return Response(await embeddings_json(vectors, encoding, service.name, tokens, cpu),
                         media_type="application/json")
@@ -118,54 +121,36 @@ def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
         if not isinstance(prompt, str):
             raise Reject(400, "'prompt' must be a string (one prompt per request)",
                          param="prompt")
-        max_tokens = _number(body, "max_tokens", 16, int, 1, 1 << 20)
-        temperature = _number(body, "temperature", 1.0, float, 0.0, 2.0)
-        top_p = _number(body, "top_p", 1.0, float, 1e-9, 1.0)
-        seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or
-                                 not SEEDS[0] <= seed <= SEEDS[1]):
-            raise Reject(400, f"'seed' must be an integer in [{SEEDS[0]}, {SEEDS[1]}]",
-                         param="seed")
-        if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
-            raise Reject(400, "only n = 1 is supported", param="n")
-        stream = body.get("stream")
-        if stream is not None and not isinstance(stream, bool):
-            raise Reject(400, "'stream' must be true or false", param="stream")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or len(stop) > 4 or \
-                not all(isinstance(x, str) for x in stop):
-            raise Reject(400, "'stop' must be a string or up to 4 strings", param="stop")
+        params = _completions.sampling(body, chat=False)
         try:
-            ids = service.encode(prompt)
+            ids = await off_loop(service.encode, prompt, len(prompt))
+            budget = service.budget(ids, params.max_tokens, 16, "prompt")
         except InputError as exc:
-            raise Reject(400, str(exc), param="prompt", code=exc.code) from None
-        pieces = service.complete(ids, max_tokens, temperature=temperature, top_p=top_p,
-                                  seed=seed, stop=stop)
-        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
-                "created": int(time.time()), "model": service.name}
-        try:  # the first piece before answering: a dead pipeline is a 503, not a stream
-            first = await anext(pieces)
-        except ShardlineError as exc:
-            raise _model_error(exc) from None
-        if stream:
-            return StreamingResponse(_events(head, first, pieces),
-                                     media_type="text/event-stream")
-        text, reason = first
+            raise Reject(400, str(exc), param=exc.param or "prompt", code=exc.code) from None
+        return await _complete(service, ids, budget, params,
+                               Answer(service.name, False, len(ids)))
+
+    @app.post("/v1/chat/completions", **_schema.described(
+        "chat", _schema.ChatRequest, (400, 401, 404, 408, 413, 429, 503)))
+    async def chat(request: Request) -> dict[str, Any] | Response:
+        body = await body_of(request)
+        service = _service(services, body, CompletionService)
+        conversation = _completions.messages(body)
+        params = _completions.sampling(body, chat=True)
         try:
-            async for piece, why in pieces:
-                text, reason = text + piece, why
-        except ShardlineError as exc:
-            raise _model_error(exc) from None
-        completion = len(text.encode("utf-8"))
-        return {**head, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                     "finish_reason": reason}],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": completion,
-                          "total_tokens": len(ids) + completion}}
+            ids = await off_loop(service.encode_chat, conversation,
+                                 sum(len(m["content"]) for m in conversation))
+            budget = service.budget(ids, params.max_tokens, None, "messages")
+        except InputError as exc:
+            raise Reject(400, str(exc), param=exc.param or "messages",
+                         code=exc.code) from None
+        return await _complete(service, ids, budget, params,
+                               Answer(service.name, True, len(ids)))
 
     health_doc = _schema.described("health")
     health_doc["responses"][503] = {"model": _schema.Health,
-                                    "description": "a stage is dead or does not answer"}
+                                    "description": "a stage is dead or does not answer, "
+                                    "or is being rebuilt (with Retry-After)"}
 
     @app.get("/healthz", **health_doc)
     async def healthz() -> Response:
@@ -175,8 +160,18 @@ def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
             except (ShardlineError, TimeoutError) as exc:
                 return JSONResponse({"status": "unavailable", "model": name,
                                      "error": f"{type(exc).__name__}: {exc}"},
-                                    status_code=503)
+                                    status_code=503, headers=_retry(service, exc))
         return JSONResponse({"status": "ok", "models": list(services)})
+
+    @app.get("/trace", response_class=Response,
+             responses={200: {"content": {"application/json": {}},
+                              "description": "every recovery as a span, in Chrome "
+                              "trace-event JSON (opens in Perfetto)"}})
+    async def trace() -> Response:
+        events: list[dict[str, Any]] = []
+        for service in services.values():
+            events.extend(service.recovery.chrome()["traceEvents"])
+        return JSONResponse({"traceEvents": events, "displayTimeUnit": "ms"})
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
@@ -189,11 +184,40 @@ def create_app(services: dict[str, Service], metrics: ServeMetrics, *,
                 body_timeout=body_timeout)
 
 
-def _model_error(exc: ShardlineError) -> Reject:
-    """A full queue is 429 (retry later); anything else from the model side is 503."""
+def _model_error(exc: ShardlineError, service: Service) -> Reject:
+    """A full queue is 429 (retry later); anything else from the model side is 503, with
+    ``Retry-After``: a worker is being replaced, or something failed."""
     if isinstance(exc, QueueFull):
         return Reject(429, f"server busy: {exc}; retry later", kind="rate_limit_error")
-    return Reject(503, f"the model is unavailable: {exc}", kind="server_error")
+    return Reject(503, f"the model is unavailable: {exc}", kind="server_error",
+                  headers=_retry(service, exc))
+
+
+def _retry(service: Service, exc: BaseException) -> dict[str, str]:
+    seconds = exc.retry_after if isinstance(exc, Unavailable) else \
+        service.recovery.retry_after()
+    return {"Retry-After": str(seconds)}
+
+
+async def _complete(service: CompletionService, ids: list[int], budget: int,
+                    params: _completions.Sampling, answer: Answer) -> dict[str, Any] | Response:
+    pieces = service.complete(ids, budget, temperature=params.temperature,
+                              top_p=params.top_p, seed=params.seed, stop=params.stop)
+    try:  # the first piece before answering: a dead pipeline is a 503, not a stream
+        first = await anext(pieces)
+    except ShardlineError as exc:
+        raise _model_error(exc, service) from None
+    if params.stream:
+        return StreamingResponse(
+            _completions.stream_events(answer, first, pieces, params.include_usage),
+            media_type="text/event-stream")
+    text, reason, tokens = first
+    try:
+        async for piece in pieces:
+            text, reason, tokens = text + piece.text, piece.finish_reason, piece.tokens
+    except ShardlineError as exc:
+        raise _model_error(exc, service) from None
+    return answer.whole(text, reason, tokens)
 
 
 def _service(services: dict[str, Service], body: dict[str, Any], kind: type[S]) -> S:
@@ -208,41 +232,6 @@ def _service(services: dict[str, Service], body: dict[str, Any], kind: type[S]) 
         raise Reject(400, f"the model '{model}' serves {service.kind}, not this endpoint",
                      param="model")
     return service
-
-
-def _number(body: dict[str, Any], name: str, default: float, kind: type[N], low: float,
-            high: float) -> N:
-    value = body.get(name, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (kind is int and not isinstance(value, int)) or not low <= value <= high:
-        raise Reject(400, f"'{name}' must be {'an integer' if kind is int else 'a number'} "
-                     f"in [{low}, {high}]", param=name)
-    return kind(value)
-
-
-async def _events(head: dict[str, Any], first: tuple[str, str | None],
-                  pieces: AsyncGenerator[tuple[str, str | None], None]
-                  ) -> AsyncIterator[bytes]:
-    """Server-sent events as OpenAI streams them, ending with ``data: [DONE]``. A client
-    that goes away closes ``pieces``, which frees the request's caches on the stages."""
-    def event(text: str, reason: str | None) -> bytes:
-        chunk = {**head, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                      "finish_reason": reason}]}
-        return f"data: {json.dumps(chunk)}\n\n".encode()
-
-    try:
-        yield event(*first)
-        async for piece, reason in pieces:
-            yield event(piece, reason)
-    except ShardlineError as exc:  # the status line is gone: say it in the stream
-        error = {"error": {"message": f"the model is unavailable: {exc}",
-                           "type": "server_error", "param": None, "code": None}}
-        yield f"data: {json.dumps(error)}\n\n".encode()
-    finally:
-        await pieces.aclose()
-    yield b"data: [DONE]\n\n"
 
 
 def _texts(value: Any) -> list[str]:

@@ -29,8 +29,8 @@ class Gate:
     all arrived ``body_timeout`` seconds after the request began is a 408, and the
     connection is closed."""
 
-    ENDPOINTS = ("/v1/embeddings", "/v1/completions", "/v1/models", "/healthz", "/metrics",
-                 "/openapi.json")
+    ENDPOINTS = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v1/models",
+                 "/healthz", "/metrics", "/trace", "/openapi.json")
 
     def __init__(self, app: ASGIApp, metrics: ServeMetrics, *, api_key: str | None,
                  max_body_bytes: int, body_timeout: float) -> None:
@@ -73,7 +73,7 @@ class Gate:
                 length = int(value) if value.isdigit() else 0  # the parser checked it
             elif name == b"expect":
                 waiting = value.lower() == b"100-continue"
-        if self.expected is not None and path.startswith("/v1/") and \
+        if self.expected is not None and (path.startswith("/v1/") or path == "/trace") and \
                 not hmac.compare_digest(given, self.expected):
             return error_response(401, "Incorrect or missing API key: send "
                                   "'Authorization: Bearer KEY'.", code="invalid_api_key")

@@ -42,6 +42,13 @@ class ServeMetrics:
             "shardline_serve_connections_closed",
             "HTTP connections the server closed on a limit", ["reason"],
             registry=self.registry)
+        self.recoveries = Counter(
+            "shardline_recoveries",
+            "Recoveries: what='worker', a lost worker process restarted; what='stage', "
+            "the pipeline stages it held rebuilt on a worker", ["what"],
+            registry=self.registry)
+        for what in ("worker", "stage"):
+            self.recoveries.labels(what)  # shown at 0 before the first
         self._pipe: Pipeline | None = None
 
     def watch(self, queue: Any, pipe: Pipeline) -> None:
@@ -59,11 +66,19 @@ class ServeMetrics:
 
     async def render(self, timeout: float = 1.0) -> bytes:
         """The text exposition; per-device busy time is asked of the stages now (a stage
-        that does not answer within ``timeout`` keeps its last value)."""
-        if self._pipe is not None:
-            for d, ref in enumerate(self._pipe.devices):
-                with contextlib.suppress(ShardlineError, TimeoutError), \
-                        anyio.move_on_after(timeout):
-                    stats = await ref.ask("stats", timeout=timeout)
-                    self.stage_busy.labels(device=str(d)).set(stats["busy_seconds"])
+        that does not answer within ``timeout`` keeps its last value). With replicas, a
+        copy's devices are labelled ``"R:D"`` (replica, device)."""
+        pipe = self._pipe
+        if pipe is not None:
+            for r in range(pipe.replicas):
+                try:
+                    refs = pipe.replica_devices(r)
+                except KeyError:  # a copy being rebuilt: its stages are not all there
+                    continue
+                for d, ref in enumerate(refs):
+                    label = str(d) if pipe.replicas == 1 else f"{r}:{d}"
+                    with contextlib.suppress(ShardlineError, TimeoutError), \
+                            anyio.move_on_after(timeout):
+                        stats = await ref.ask("stats", timeout=timeout)
+                        self.stage_busy.labels(device=label).set(stats["busy_seconds"])
         return generate_latest(self.registry)
