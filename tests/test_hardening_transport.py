@@ -495,6 +495,35 @@ async def test_a_reading_client_gets_every_answer() -> None:
         ctx.destroy(linger=0)
 
 
+@pytest.mark.timeout(60)
+async def test_a_reply_larger_than_the_window_after_small_ones_is_delivered() -> None:
+    """Small replies are not tracked one by one, so ZeroMQ never confirms them; a reply
+    over the 16 MiB window that followed them waited for that confirmation forever."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        async with sl.Node(listen="tcp://127.0.0.1:0") as node:
+            blobs = await node.spawn(Blobs)
+            reader = _dealer(ctx, node.address, reads=True)
+            for rid in range(1, 4):
+                reader.send(_call(rid, blobs.actor_id, "blob", 0))
+            reader.send(_call(4, blobs.actor_id, "blob", 20))
+            got: dict[int, int] = {}
+            with anyio.fail_after(30):
+                while len(got) < 4:
+                    try:
+                        frames = reader.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        await anyio.sleep(0.002)
+                        continue
+                    msg = msgpack.unpackb(frames[0], raw=False)
+                    assert msg["k"] == "reply", msg
+                    got[msg["id"]] = len(frames[-1]) if len(frames) > 1 else 0
+            assert got[4] == 20 << 20
+            reader.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
 # -- concern: a frozen worker --------------------------------------------------------
 
 @pytest.mark.timeout(90)

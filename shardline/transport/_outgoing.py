@@ -71,6 +71,12 @@ class _Client:
             self.progress_at = now
             self.refused = 0
 
+    def pending(self) -> int:
+        """Bytes up to the last tracked message that ZeroMQ has not written yet. The
+        untracked ones after it (under ``_SAMPLE``) are never confirmed, so a message
+        larger than the window waits only for these: waiting for all would be forever."""
+        return self.sent - self.untracked - self.released
+
     def in_socket(self) -> int:
         """Bytes ZeroMQ still holds. Reads only: statistics may run on another thread
         (a Prometheus scrape), so nothing is popped here."""
@@ -118,7 +124,7 @@ class Outgoing:
         if client.marks:
             client.release(now)
         in_socket = client.sent - client.released
-        if not client.backlog and (not in_socket or in_socket + n <= self.window):
+        if not client.backlog and (not client.pending() or in_socket + n <= self.window):
             if self._push(route, client, frames, n, now):
                 return
         elif rid is not None and in_socket + client.backlog_bytes + n > self.max_bytes:
@@ -195,7 +201,7 @@ class Outgoing:
             while backlog:
                 frames, n = backlog[0]
                 in_socket = client.sent - client.released
-                if in_socket and in_socket + n > self.window:
+                if client.pending() and in_socket + n > self.window:
                     break
                 if not self._push(route, client, frames, n, now):
                     break
