@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import shardline as sl
 from shardline.models import Pipeline, PipelineError, gpt
-from tests.test_serve import Server
+from tests.serve_fixtures import Server
 
 pytestmark = pytest.mark.anyio
 
@@ -104,12 +104,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_completions_from_a_checkpoint_over_http(checkpoint: Path) -> None:
+def test_completions_from_a_checkpoint_over_http(checkpoint: Path, tmp_path: Path) -> None:
     net = gpt.model(CFG)
     net.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
     net.eval()
     expected = bytes(greedy(net, list(b"hello"), 10)).decode("utf-8", errors="replace")
-    server = Server("--model", f"gpt:{checkpoint}", "--stages", "2")
+    server = Server(tmp_path / "err.log", "--model", f"gpt:{checkpoint}", "--stages", "2")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         done = client.completions.create(model="gpt", prompt="hello", max_tokens=10,
@@ -147,9 +147,13 @@ def test_completions_from_a_checkpoint_over_http(checkpoint: Path) -> None:
                 assert r.status_code == 400, (body, r.text)
             r = http.post(f"{server.url}/v1/embeddings", json={"model": "gpt", "input": "x"})
             assert r.status_code == 400
+            # prompt and completion must fit the context together, as OpenAI has it
             r = http.post(url, json={"model": "gpt", "prompt": "a" * 40, "max_tokens": 100})
-            assert r.status_code == 200  # clamped to the context
-            assert len(r.json()["choices"][0]["text"].encode("utf-8", "replace")) <= 8 * 3
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["code"] == "context_length_exceeded"
+            r = http.post(url, json={"model": "gpt", "prompt": "a" * 40, "max_tokens": 8})
+            assert r.status_code == 200  # the room left: 48 - 40 tokens
+            assert r.json()["usage"]["completion_tokens"] == 8
             assert http.get(f"{server.url}/healthz").status_code == 200
             metrics = http.get(f"{server.url}/metrics").text
             assert "shardline_completion_tokens_total" in metrics
