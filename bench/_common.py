@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -54,3 +55,15 @@ def run_torch_ranks(module: str, ranks: int, args: Sequence[str],
             if proc.stdout is not None:
                 proc.stdout.close()
     return float(out.strip().splitlines()[-1])
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    """SIGINT (the server stops its workers), SIGKILL if it has not ended in 30 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()

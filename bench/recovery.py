@@ -33,9 +33,9 @@ import anyio
 import httpx
 
 import shardline as sl
-from bench._common import emit
+from bench._common import emit, stop_server
 from bench.pipeline import step_times
-from bench.soak import children, stop_server
+from bench.soak import children
 from shardline.models import Pipeline, gpt
 
 GPT = {"blocks": 4, "dim": 128, "heads": 4, "seq": 64, "vocab": 256}

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import math
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from bench._common import emit
+from bench._common import emit, stop_server
 
 
 def corpus(n: int) -> list[str]:
@@ -146,14 +145,7 @@ def main() -> None:
         url = proc.stdout.readline().split()[2]
         ours, latencies = anyio.run(load, url, texts, opts.concurrency)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop_server(proc)
     theirs = (before + baseline(texts)) / 2
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     fields: dict[str, Any] = {

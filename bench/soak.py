@@ -42,7 +42,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from bench._common import emit
+from bench._common import emit, stop_server
 from bench.serve import corpus
 
 HOSTILE = ("huge", "deep", "surrogate", "not_utf8", "truncated", "idle", "half_head")
@@ -412,18 +412,6 @@ def main() -> None:
         finally:
             stop_server(proc)
     emit(**result)
-
-
-def stop_server(proc: subprocess.Popen[str]) -> None:
-    """SIGINT (the server stops its workers), SIGKILL if it has not ended in 30 s."""
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
 
 
 if __name__ == "__main__":
