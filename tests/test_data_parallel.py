@@ -86,6 +86,19 @@ async def test_two_replicas_in_process_match_the_unsharded_model(
             await pipe.stop()
 
 
+async def test_replicas_without_a_placement_are_copies_in_this_process() -> None:
+    model = models_fixtures.layers({"n": 8}, 0, 8)
+    async with sl.Node() as node:
+        pipe = await Pipeline.start(node, model, stages=2, replicas=2, microbatches=2,
+                                    loss_fn=nn.functional.cross_entropy,
+                                    optimizer=OPTIMIZERS[0])
+        try:
+            assert pipe.replicas == 2
+            await check(pipe, OPTIMIZERS[0], 2)
+        finally:
+            await pipe.stop()
+
+
 async def test_replicas_across_processes_and_a_checkpoint_that_loads_into_any_r(
         tmp_path: Any) -> None:
     opt_spec = OPTIMIZERS[1]

@@ -122,7 +122,7 @@ class Pipeline:
         else:
             raise ValueError("give stages=N, split_points=[...] or a placement list")
         if rows is None:
-            rows = [["cpu"] * n_devices]
+            rows = [["cpu"] * n_devices for _ in range(replicas)]
         for r, row in enumerate(rows):
             if len(row) != n_devices:
                 raise ValueError(f"placement{f' of replica {r}' if replicas > 1 else ''} "
