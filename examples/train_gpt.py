@@ -1,6 +1,7 @@
 """Train the small GPT across worker processes with pipeline parallelism, and data
-parallelism on top with ``--replicas``: R copies of a 2-stage pipeline on 2 x R workers,
-each step's batch split across them and their gradients averaged.
+parallelism on top with ``--replicas``: R copies of an S-stage pipeline (``--stages``,
+default 2) on S x R worker processes, each step's batch split across the copies and
+their gradients averaged.
 
 The corpus ships with Python itself (the text of pydoc's help topics), read as bytes,
 so there is nothing to download. Run: python examples/train_gpt.py [--steps 200]
@@ -48,7 +49,7 @@ class Progress:
 async def main(opts: argparse.Namespace) -> None:
     config = {"blocks": opts.blocks, "dim": opts.dim, "heads": 4, "seq": opts.seq, "vocab": 256}
     stream = gpt.batches(gpt.corpus(), opts.batch, opts.seq)
-    stages, replicas = opts.workers, opts.replicas
+    stages, replicas = opts.stages, opts.replicas
     async with sl.LocalCluster(stages * replicas) as cluster:
         # replica r runs on workers r*stages .. r*stages + stages - 1
         rows = [cluster.nodes[r * stages:(r + 1) * stages] for r in range(replicas)]
@@ -93,9 +94,11 @@ if __name__ == "__main__":
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     count = positive(int)
     parser.add_argument("--steps", type=count, default=100, help="training steps")
-    parser.add_argument("--workers", type=count, default=2, help="stages, one per worker")
+    # --workers: its name before --stages, as shardline demo and serve call it
+    parser.add_argument("--stages", "--workers", dest="stages", type=count, default=2,
+                        help="pipeline stages, one worker process each")
     parser.add_argument("--replicas", type=count, default=1,
-                        help="copies of the pipeline (data parallel); workers x replicas "
+                        help="copies of the pipeline (data parallel); stages x replicas "
                         "worker processes in all")
     parser.add_argument("--schedule", default="1f1b", help="pipeline schedule: "
                         "gpipe, 1f1b, interleaved-1f1b, zb-h1, zbv or dualpipev")
