@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pipeline stages the model is split into (default: %(default)s)")
     parser.add_argument("--replicas", type=at_least_1, default=1,
                         help="copies of every stage, each on its own worker: a request "
-                        "on a copy that is lost runs again on another (default: "
-                        "%(default)s)")
+                        "on a copy that is lost runs again, once that copy is rebuilt, "
+                        "on whichever copy is next in turn (default: %(default)s)")
     parser.add_argument("--workers", type=at_least(0), default=None,
                         help="worker processes holding the stages, restarted when one "
                         "dies; 0: the stages run in the server process (default: one per "
