@@ -42,26 +42,25 @@ def at_least(lowest: int) -> Callable[[str], int]:
     return check
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (seconds, mostly)."""
+def _number(text: str, zero_ok: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number above 0")
+    if not (value >= 0 if zero_ok else value > 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a number {'of 0 or more' if zero_ok else 'above 0'}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (seconds, mostly)."""
+    return _number(text, zero_ok=False)
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (a wait that may be none)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of 0 or more")
-    return value
+    return _number(text, zero_ok=True)
 
 
 def port(text: str) -> int:

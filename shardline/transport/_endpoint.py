@@ -309,14 +309,10 @@ class Endpoint:
                 answer["shm"] = shm
                 proc = msg["shm"].get("proc") if isinstance(msg["shm"], dict) else None
                 if proc is not None and is_id(proc):
-                    if len(self.shm_procs) >= _MAX_SHM_PROCS:
-                        del self.shm_procs[next(iter(self.shm_procs))]
-                    self.shm_procs[route] = proc
+                    _remember(self.shm_procs, route, proc, _MAX_SHM_PROCS)
                 link = exchange().link_to(msg["shm"])
                 if link is not None:
-                    if len(self.shm_links) >= _MAX_SHM_ROUTES:
-                        del self.shm_links[next(iter(self.shm_links))]
-                    self.shm_links[route] = link
+                    _remember(self.shm_links, route, link, _MAX_SHM_ROUTES)
             reply.set_result(answer)
             return
         try:
@@ -461,3 +457,10 @@ class _KeyCheck:
 
 def new_node_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def _remember(table: dict[bytes, Any], route: bytes, value: Any, limit: int) -> None:
+    """``table[route] = value``, forgetting the oldest route once ``limit`` are kept."""
+    if route not in table and len(table) >= limit:
+        del table[next(iter(table))]
+    table[route] = value
