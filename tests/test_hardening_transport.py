@@ -413,6 +413,23 @@ def _dealer(ctx: zmq.Context[Any], address: str, *, reads: bool) -> zmq.Socket[A
     return sock
 
 
+async def _answers(reader: zmq.Socket[Any], n: int, timeout: float = 60
+                   ) -> dict[int, list[Any]]:
+    """The next ``n`` answers, by request id: ``[header, *frames]`` (each id once)."""
+    answers: dict[int, list[Any]] = {}
+    with anyio.fail_after(timeout):
+        while len(answers) < n:
+            try:
+                frames = reader.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                await anyio.sleep(0.002)
+                continue
+            msg = msgpack.unpackb(frames[0], raw=False)
+            assert msg["id"] not in answers
+            answers[msg["id"]] = [msg, *frames[1:]]
+    return answers
+
+
 @pytest.mark.timeout(120)
 async def test_a_client_that_never_reads_is_bounded_then_dropped() -> None:
     budget = 32 << 20  # twice the 16 MiB handed to ZeroMQ: the rest waits in a backlog
@@ -473,17 +490,8 @@ async def test_a_reading_client_gets_every_answer() -> None:
                 reader = _dealer(ctx, node.address, reads=True)
                 for rid in range(1, 201):
                     reader.send(_call(rid, blobs.actor_id, "blob", 1))
-                answers: dict[int, str] = {}
-                with anyio.fail_after(60):
-                    while len(answers) < 200:
-                        try:
-                            frames = reader.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            await anyio.sleep(0.002)
-                            continue
-                        msg = msgpack.unpackb(frames[0], raw=False)
-                        assert msg["id"] not in answers
-                        answers[msg["id"]] = msg["k"] if msg["k"] == "reply" else msg["e"]["t"]
+                answers = {rid: msg["k"] if msg["k"] == "reply" else msg["e"]["t"]
+                           for rid, (msg, *_) in (await _answers(reader, 200)).items()}
                 reader.close()
                 assert sorted(answers) == list(range(1, 201))
                 kinds = set(answers.values())
@@ -507,18 +515,9 @@ async def test_a_reply_larger_than_the_window_after_small_ones_is_delivered() ->
             for rid in range(1, 4):
                 reader.send(_call(rid, blobs.actor_id, "blob", 0))
             reader.send(_call(4, blobs.actor_id, "blob", 20))
-            got: dict[int, int] = {}
-            with anyio.fail_after(30):
-                while len(got) < 4:
-                    try:
-                        frames = reader.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        await anyio.sleep(0.002)
-                        continue
-                    msg = msgpack.unpackb(frames[0], raw=False)
-                    assert msg["k"] == "reply", msg
-                    got[msg["id"]] = len(frames[-1]) if len(frames) > 1 else 0
-            assert got[4] == 20 << 20
+            got = await _answers(reader, 4, timeout=30)
+            assert all(msg["k"] == "reply" for msg, *_ in got.values()), got
+            assert len(got[4][-1]) == 20 << 20
             reader.close()
     finally:
         ctx.destroy(linger=0)
