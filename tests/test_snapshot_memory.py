@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+import shardline as sl
+from shardline.models import LayerSpec, Pipeline
 from shardline.models._snapshot import SnapshotHolder, in_shared_memory, pack, unpack
 from tests.shm_fixtures import in_segment
 
@@ -53,3 +56,31 @@ def test_a_packed_state_is_one_tensor_and_unpacks_to_the_same_views() -> None:
                                          else state["opt"]["tensors"])[k].data_ptr()
     plain = {"model": {"w": torch.ones(1)}, "opt": {"tensors": {}, "groups": []}}
     assert pack(plain) is plain and unpack(plain) is plain
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(120)
+async def test_every_capture_after_the_optimizer_state_appears_is_one_segment() -> None:
+    """Snapshot 0 is taken before the optimizer has state; the capture that reuses its
+    buffers must still land in one segment (it once fell back to loose tensors, and
+    every later capture of that chain with it: each push then sent ~100 tensors)."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    async with sl.LocalCluster(3, allow=["tests"]) as cluster:
+        pipe = await Pipeline.start(
+            cluster.node, LayerSpec("tests.models_fixtures:layers", {"n": 4}, 4),
+            placement=cluster.nodes[:2], spares=cluster.nodes[2:], snapshot_every=1,
+            microbatches=2, loss_fn="torch.nn.functional:cross_entropy",
+            optimizer=("torch.optim.AdamW", {"lr": 0.01}))
+        try:
+            seen = []
+            for _ in range(5):
+                await pipe.train_step(x, y)
+                for ref in pipe.fleet.refs.values():
+                    newest = (await ref.snapshots())[-1]
+                    state = await ref.snapshot_state(newest)
+                    seen.append(newest)
+                    assert "arena" in state and "model" not in state, newest
+            assert sorted(set(seen)) == [1, 2, 3, 4, 5]
+        finally:
+            await pipe.stop()

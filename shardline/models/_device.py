@@ -51,6 +51,11 @@ Key = tuple[int, str, int, int]
 # tensors by reference instead of through a socket.
 _LOCAL: dict[str, Device] = {}
 _NOBLOCK = int(zmq.NOBLOCK)
+# How long a device with nothing at all to do waits for work before it runs its
+# ``later`` jobs anyway: long enough for the next step's first job to arrive after a
+# commit (so the deferred work falls in that step's bubbles), short enough that whoever
+# waits for it is not kept long.
+LATER_IDLE_S = 0.005
 
 
 class Device:
@@ -71,6 +76,7 @@ class Device:
         self._send_timeout_ms = max(1, int(send_timeout * 1000))
         self._lock = threading.Lock()
         self._jobs: deque[Callable[[], None]] = deque()
+        self._later: deque[Callable[[], None]] = deque()  # device thread only
         self._inbox: dict[Key, Any] = {}
         self._parked: dict[Key, Callable[[], None]] = {}
         self._finished: set[int] = set()
@@ -140,6 +146,18 @@ class Device:
 
     # -- the device thread -------------------------------------------------------------
 
+    def later(self, job: Callable[[], None]) -> None:
+        """Device thread: run ``job`` in the next bubble (no job ready while one waits
+        for an input), after ``LATER_IDLE_S`` with no work at all, or at ``run_later``,
+        whichever comes first; before the jobs submitted after it, though, only what
+        calls ``run_later`` first is sure to find it done."""
+        self._later.append(job)
+
+    def run_later(self) -> None:
+        """Device thread: run the jobs ``later`` still holds, now."""
+        while self._later:
+            self._run(self._later.popleft())
+
     def take(self, key: Key, job: Callable[[], None]) -> tuple[Any, float] | None:
         """The input for ``key`` and when it arrived; ``None`` if it has not arrived
         yet, and then ``job`` runs again once it does."""
@@ -202,17 +220,20 @@ class Device:
                 self._receive()
                 with self._lock:
                     job = self._jobs.popleft() if self._jobs else None
+                    waiting = bool(self._parked)
                 if job is not None:
-                    try:
-                        job()
-                    except zmq.ContextTerminated:
-                        raise
-                    except Exception:
-                        log.exception("job on device %s raised", self.name)
+                    self._run(job)
+                    continue
+                if self._later and waiting:
+                    self._run(self._later.popleft())  # a bubble: nothing else can run
                     continue
                 # The timeout bounds how long a lost wake-up could last, and paces
                 # the idle housekeeping.
-                if not poller.poll(1000):
+                timeout = round(LATER_IDLE_S * 1000) if self._later else 1000
+                if not poller.poll(timeout):
+                    if self._later:
+                        self._run(self._later.popleft())
+                        continue
                     poll_exchange()  # shared memory: releases, idle segments
                     if self._idle is not None:
                         try:
@@ -232,6 +253,14 @@ class Device:
                     sock.close(linger=0)
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except zmq.ContextTerminated:
+            raise
+        except Exception:
+            log.exception("job on device %s raised", self.name)
 
     def _receive(self) -> None:
         sock = self._sock

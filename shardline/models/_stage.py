@@ -89,6 +89,8 @@ class StageActor(StageState, Actor):
         self._expired: dict[str, None] = {}        # recently expired ids, oldest first
         self._released: dict[str, None] = {}       # recently released ids, oldest first
         self._snapshots = Versions(keep=2)
+        self._captured: asyncio.Future[None] | None = None  # the newest snapshot taken
+        self._later_spans: list[list[Any]] = []    # of deferred snapshots (device thread)
         self.version = 0                           # training steps committed here
         self._sync: GradSync | None = None         # gradient averaging over replicas
         self._training: _Program | None = None     # the newest training step (device thread)
@@ -233,9 +235,19 @@ class StageActor(StageState, Actor):
         """Apply the optimizer to the gradients the last ``run`` left (every device's
         ``run`` succeeded), once they are averaged over the replicas. With ``snapshot``,
         then copy the new state to host memory as that version; versions older than
-        ``keep_from`` are dropped. Returns trace spans."""
+        ``keep_from`` are dropped. Returns trace spans (with the last deferred
+        snapshot's, which ran during the step).
+
+        The snapshot is taken in the next bubble of this device (``_capture_soon``):
+        the reply does not wait for it, and whatever reads it waits for it instead."""
+        loop = asyncio.get_running_loop()
+        captured = loop.create_future() if snapshot is not None else None
+
         def apply() -> list[list[Any]]:
+            self.link.run_later()  # a deferred snapshot reads what this step changes
             spans = self._sync.wait() if self._sync is not None else []
+            spans += self._later_spans
+            self._later_spans = []
             t0 = time.time()
             if self.optimizer is not None:
                 if self.check_finite:
@@ -248,10 +260,11 @@ class StageActor(StageState, Actor):
             if keep_from is not None:
                 self._snapshots.drop_below(keep_from)
             spans.append([self.stages[-1], "opt", -1, t0, t1])
-            if snapshot is not None:
-                self._snapshots.put(snapshot, self._capture(self._snapshots.spare()))
-                spans.append([self.stages[-1], "snapshot", -1, t1, time.time()])
+            if snapshot is not None and captured is not None:
+                self._capture_soon(snapshot, loop, captured)
             return spans
+        if captured is not None:
+            self._captured = captured
         return await self._on_device(apply)
 
     def _drive(self, program: _Program) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,6 +35,8 @@ class StageState:
     optimizer: torch.optim.Optimizer | None
     version: int
     _snapshots: Versions
+    _captured: asyncio.Future[None] | None
+    _later_spans: list[list[Any]]
     _device: Device | None
 
     @property
@@ -81,6 +84,7 @@ class StageState:
         await self._on_device(functools.partial(self._load_state_dict, state))
 
     def _load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.link.run_later()  # a deferred snapshot reads the state replaced here
         for s in self.stages:
             names = self.names[s]
             local = {}
@@ -123,6 +127,7 @@ class StageState:
 
     def _load_optimizer_state(self, tensors: dict[str, torch.Tensor],
                               groups: list[dict[str, Any]]) -> None:
+        self.link.run_later()
         if self.optimizer is None:
             return
         sd = self.optimizer.state_dict()
@@ -142,17 +147,53 @@ class StageState:
     def _capture(self, into: State | None = None) -> State:
         """Device thread: everything a restored copy needs to continue bitwise; copied
         into ``into``'s tensors when it holds the same ones (an earlier capture)."""
-        if into is None:
-            state = in_shared_memory({"model": self._state_dict(),
-                                      "opt": self._optimizer_state()})
-        else:
+        state: State | None = None
+        if into is not None and "segment" in into:
             state = {"model": self._state_dict(into["model"]),
                      "opt": self._optimizer_state(into["opt"]["tensors"])}
             if _filled(state, into):
                 state["segment"] = into["segment"]
+            else:
+                # The buffers no longer fit (the optimizer's state appears at its first
+                # step, after snapshot 0): a new segment, which later captures reuse.
+                # Keeping the plain copies instead would make every capture of this
+                # chain, and its push, hundreds of tensors for good.
+                state = None
+        if state is None:
+            state = in_shared_memory({"model": self._state_dict(),
+                                      "opt": self._optimizer_state()})
         state["version"] = self.version
         state["owned"] = True
         return state
+
+    def _capture_soon(self, version: int, loop: asyncio.AbstractEventLoop,
+                      done: asyncio.Future[None]) -> None:
+        """Device thread, after an optimizer step: snapshot ``version`` in this device's
+        next bubble (it waits for the neighbours' inputs in every step), off the step's
+        critical path; ``done`` settles once it is taken. Parameters and optimizer state
+        change only in the next optimizer step, which runs ``run_later`` first; layers
+        with buffers (running statistics) may change them in a forward, so their stage
+        is captured at once."""
+        def capture() -> None:
+            t0 = time.time()
+            try:
+                self._snapshots.put(version, self._capture(self._snapshots.spare()))
+            except Exception as exc:  # reaches whoever reads the snapshot
+                settle(loop, done, None, exc)
+            else:
+                settle(loop, done, None, None)
+            self._later_spans.append([self.stages[-1], "snapshot", -1, t0, time.time()])
+
+        if any(True for s in self.stages for _ in self.chunks[s].buffers()):
+            capture()
+        else:
+            self.link.later(capture)
+
+    async def _taken(self) -> None:
+        """Wait until the newest snapshot is taken (and raise if taking it failed)."""
+        if self._captured is not None:
+            # shielded: a reader that gives up must not cancel it for the others
+            await asyncio.shield(self._captured)
 
     def _restore(self, state: State) -> None:
         self._load_state_dict(state["model"])
@@ -170,29 +211,35 @@ class StageState:
     async def take_snapshot(self, version: int) -> None:
         """Copy the current state to host memory as snapshot ``version``."""
         def take() -> None:
+            self.link.run_later()
             self._snapshots.put(version, self._capture())
         await self._on_device(take)
 
-    def snapshot_state(self, version: int) -> State:
+    async def snapshot_state(self, version: int) -> State:
         """Local snapshot ``version`` (for a sibling replica that needs it too)."""
+        await self._taken()
         return pack(self._snapshots.get(version))
 
-    def keep_snapshot(self, version: int, state: State) -> None:
+    async def keep_snapshot(self, version: int, state: State) -> None:
+        await self._taken()
         # not ours to overwrite
         self._snapshots.put(version, {**unpack(state), "owned": False})
 
-    def snapshots(self) -> list[int]:
+    async def snapshots(self) -> list[int]:
         """Versions this stage keeps in its own memory."""
+        await self._taken()
         return self._snapshots.versions()
 
     async def push_snapshot(self, holder: ActorRef, key: str, version: int) -> int:
         """Send local snapshot ``version`` to ``holder`` (on another node)."""
+        await self._taken()
         state = pack(self._snapshots.get(version))
         result: int = await holder.put(key, version, state)
         return result
 
     async def restore(self, version: int) -> int:
         """Roll back to local snapshot ``version``."""
+        await self._taken()
         state = self._snapshots.get(version)
         await self._on_device(functools.partial(self._restore, state))
         return self.version
@@ -201,6 +248,7 @@ class StageState:
         """Restore snapshot ``version`` from ``holder`` (this stage's node is new), and
         keep it as a local version too."""
         state = unpack(await holder.get(key, version))
+        await self._taken()
         await self._on_device(functools.partial(self._restore, state))
         self._snapshots.put(version, {**state, "owned": False})  # not ours to overwrite
         return self.version
@@ -218,8 +266,6 @@ class StageState:
 def _filled(state: State, into: State) -> bool:
     """Whether every tensor of ``state`` is the one of ``into`` it was copied into (so
     all of them still lie in ``into``'s segment)."""
-    if "segment" not in into:
-        return False
     pairs = [(state["model"], into["model"]),
              (state["opt"]["tensors"], into["opt"]["tensors"])]
     return all(len(new) == len(old) and all(t is old.get(k) for k, t in new.items())
