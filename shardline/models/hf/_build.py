@@ -13,7 +13,7 @@ from torch import nn
 
 from . import gpt2, llama
 from ._checkpoint import Checkpoint, CheckpointError
-from ._layers import Decoder
+from ._layers import Decoder, Head
 
 __all__ = ["FAMILIES", "family_of", "hf_config", "layers", "n_layers", "torch_dtype"]
 
@@ -90,6 +90,8 @@ def layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
                       if t.is_meta]
         if still_meta:
             raise CheckpointError(f"layer tensors {still_meta} were not in the checkpoint")
+        if isinstance(module, Head):
+            module.transpose_weight()
     if tied and start == 0 and end == total:  # one stage holds both ends: one tensor
         built[-1].out.weight = built[0].tokens.weight  # type: ignore[union-attr]
     log.debug("built layers [%d, %d) of %s from %d tensors", start, end,

@@ -142,6 +142,18 @@ class Head(nn.Module):
         logits: torch.Tensor = self.out(self.norm(h))
         return logits
 
+    def transpose_weight(self) -> None:
+        """Keep the head's weight (``[vocab, hidden]``, the same values) column-major.
+
+        ``nn.Linear`` computes ``h @ weight.T``; with this layout ``weight.T`` is a
+        row-major ``[hidden, vocab]`` matrix, which MKL multiplies by a few rows 1.4x
+        (16 rows) to 3x (one row) faster than the usual layout on this project's CPUs,
+        and to the same bits from 5 rows up. The head is most of a small model's
+        decode step: a vocabulary-wide matmul for every new token."""
+        weight = self.out.weight
+        self.out.weight = nn.Parameter(weight.detach().t().contiguous().t(),
+                                       requires_grad=weight.requires_grad)
+
     def forward_cached(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """Generation: the logits of the last position only (``[batch, 1, vocab]``),
         all it needs, as ``transformers``' ``logits_to_keep=1``; a long prompt's other
