@@ -63,6 +63,7 @@ def layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
 
     built: list[nn.Module] = []
+    rotary: nn.Module | None = None
     sources: list[dict[str, str]] = []  # per layer: local state key -> checkpoint name
     for i in range(start, end):
         with torch.device("meta"):
@@ -76,8 +77,9 @@ def layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
                 inner, prefix = family.decoder(cfg, i - 1)
                 names = {f"layer.{k}": prefix + k for k in inner.state_dict()}
         if 0 < i < total - 1:  # rotary tables are computed at construction: not on meta
-            module = Decoder(inner, family.rotary(cfg), family.window(cfg, i - 1),
-                             _cache_arg(inner))
+            if rotary is None:  # one for the stage: its layers share each call's tables
+                rotary = family.rotary(cfg)
+            module = Decoder(inner, rotary, family.window(cfg, i - 1), _cache_arg(inner))
         built.append(module)
         sources.append({k: _resolve(checkpoint, family, n) for k, n in names.items()})
 
