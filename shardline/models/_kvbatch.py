@@ -119,9 +119,8 @@ def _in_place(states: Sequence[dict[str, Any]],
     keys: torch.Tensor | None = first.get("k")
     if keys is None or keys.shape[0] != len(states) or keys.shape[2] < width:
         return None
-    for i, state in enumerate(states):
-        if state.get("k") is not keys or state.get("row") != i:
-            return None
+    if any(s.get("k") is not keys or s.get("row") != i for i, s in enumerate(states)):
+        return None
     values: torch.Tensor = first["v"]
     return keys, values
 
