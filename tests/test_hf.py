@@ -171,6 +171,23 @@ def test_a_tied_head_reads_the_embeddings(checkpoints: dict[str, Path], reads: R
         torch.testing.assert_close(head.out.weight, whole[0].tokens.weight)
 
 
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_head_keeps_its_weight_column_major(checkpoints: dict[str, Path],
+                                                family: str) -> None:
+    """Same values in a layout MKL multiplies faster: the logits are the checkpoint's,
+    and so is what the stage saves."""
+    s = hf.spec(checkpoints[family])
+    head = s.build(s.n_layers - 1, s.n_layers)[0]
+    model = reference(checkpoints[family])
+    weight = model.get_output_embeddings().weight
+    assert head.out.weight.t().is_contiguous() and not head.out.weight.is_contiguous()
+    assert torch.equal(head.out.weight, weight)
+    assert torch.equal(head.state_dict()["out.weight"], weight)
+    h = torch.randn(8, 3, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(head(h), model.lm_head(head.norm(h)), atol=1e-6, rtol=0)
+
 def eos_checkpoint(root: Path, family: str) -> tuple[Path, list[int], int]:
     """A checkpoint whose EOS is a token greedy generation reaches after a few steps:
     returns it, a prompt, and how many tokens ``transformers`` then generates."""

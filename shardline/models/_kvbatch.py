@@ -16,7 +16,11 @@ query of its row, so causality hides it; it is not kept in the row's state, and 
 own output is garbage nobody reads (the head takes each row's last real position).
 
 Every row's state then points into the padded batch tensors of the call (no copy per
-row), so the next step over the same requests copies all their histories at once.
+row). Those tensors have room for more positions than the call needs (``spare``), so
+the next step over the same requests, in the same order (a running decode batch, step
+after step), writes its new keys into them in place: no copy of any history. A step
+whose rows differ (a request joined or left) copies all their histories at once, into
+new tensors with room again.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 import torch
 
 __all__ = ["append_rows", "history", "keep", "last_positions", "new_lengths",
-           "past_lengths", "row_mask", "row_positions"]
+           "past_lengths", "row_mask", "row_positions", "spare"]
 
 
 def past_lengths(states: Sequence[dict[str, Any]]) -> list[int]:
@@ -65,19 +69,68 @@ def append_rows(states: Sequence[dict[str, Any]], keys: torch.Tensor,
                 lengths: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Append the new ``keys`` / ``values`` (``[rows, heads, t, head_dim]``) of each row to
     its state (only its first ``lengths[i]``: the rest is padding); returns every row's
-    keys and values, right-padded to ``[rows, heads, longest + t, head_dim]``.
+    keys and values, right-padded to ``[rows, heads, longest + t, head_dim]`` (views of
+    the tensors the states hold).
 
     What lies past a row's own positions is masked out (``row_mask``) but still enters
     the arithmetic: it is zeros or keys of real (padding) tokens, never uninitialized
-    memory, since NaN times a zero weight is NaN."""
+    memory, since NaN times a zero weight is NaN. Writing in place only ever writes past
+    a row's own positions, so a state restored to a shallow copy taken before the call
+    (``_rows.run_rows`` after a failure) is still whole."""
     rows, heads, t, dim = keys.shape
     past = past_lengths(states)
     new = new_lengths(lengths, rows, t)
     width = max(past) + t
-    all_keys = keys.new_zeros(rows, heads, width, dim)
-    all_values = values.new_zeros(rows, heads, width, dim)
-    # The histories, one copy per batch tensor they come from: a request that was in
-    # the last step with the others needs no copy of its own.
+    held = _in_place(states, width)
+    if held is not None:
+        all_keys, all_values = held
+    else:
+        room = width + spare(width)
+        all_keys = keys.new_zeros(rows, heads, room, dim)
+        all_values = values.new_zeros(rows, heads, room, dim)
+        _copy_histories(states, past, all_keys, all_values)
+    if min(past) == max(past):
+        n = past[0]
+        all_keys[:, :, n:n + t] = keys
+        all_values[:, :, n:n + t] = values
+    else:
+        where = row_positions(past, t, keys.device)                # [rows, t]
+        which = torch.arange(rows, device=keys.device)[:, None].expand(rows, t)
+        all_keys[which, :, where] = keys.transpose(1, 2)           # [rows, t, heads, dim]
+        all_values[which, :, where] = values.transpose(1, 2)
+    for i, (state, n, m) in enumerate(zip(states, past, new, strict=True)):
+        state.update(k=all_keys, v=all_values, row=i, len=n + m)
+    return all_keys[:, :, :width], all_values[:, :, :width]
+
+
+def spare(width: int) -> int:
+    """Positions a new batch tensor keeps free past ``width``: the next steps of its rows
+    write there in place, and the copy into a larger one when it is full is paid once
+    per half its size again."""
+    return max(32, width // 2)
+
+
+def _in_place(states: Sequence[dict[str, Any]],
+              width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The batch tensors every row continues in place, when row ``i`` of the call is row
+    ``i`` of the same tensors, which hold no other rows and have room for ``width``
+    positions; else ``None``."""
+    first = states[0]
+    keys: torch.Tensor | None = first.get("k")
+    if keys is None or keys.shape[0] != len(states) or keys.shape[2] < width:
+        return None
+    if any(s.get("k") is not keys or s.get("row") != i for i, s in enumerate(states)):
+        return None
+    values: torch.Tensor = first["v"]
+    return keys, values
+
+
+def _copy_histories(states: Sequence[dict[str, Any]], past: list[int],
+                    all_keys: torch.Tensor, all_values: torch.Tensor) -> None:
+    """Each row's history into row ``i`` of the new batch tensors, one copy per batch
+    tensor the histories come from: requests that were in the last step together need
+    no copy of their own."""
+    rows = len(states)
     sources: dict[int, tuple[dict[str, Any], list[int], list[int]]] = {}
     for i, (state, n) in enumerate(zip(states, past, strict=True)):
         if n:
@@ -90,22 +143,10 @@ def append_rows(states: Sequence[dict[str, Any]], keys: torch.Tensor,
             all_keys[:, :, :span] = first["k"][:, :, :span]
             all_values[:, :, :span] = first["v"][:, :, :span]
         else:
-            to = torch.tensor(into, device=keys.device)
-            of = torch.tensor(taken, device=keys.device)
+            to = torch.tensor(into, device=all_keys.device)
+            of = torch.tensor(taken, device=all_keys.device)
             all_keys[to, :, :span] = first["k"][of, :, :span]
             all_values[to, :, :span] = first["v"][of, :, :span]
-    if min(past) == max(past):
-        n = past[0]
-        all_keys[:, :, n:n + t] = keys
-        all_values[:, :, n:n + t] = values
-    else:
-        where = row_positions(past, t, keys.device)                # [rows, t]
-        which = torch.arange(rows, device=keys.device)[:, None].expand(rows, t)
-        all_keys[which, :, where] = keys.transpose(1, 2)           # [rows, t, heads, dim]
-        all_values[which, :, where] = values.transpose(1, 2)
-    for i, (state, n, m) in enumerate(zip(states, past, new, strict=True)):
-        state.update(k=all_keys, v=all_values, row=i, len=n + m)
-    return all_keys, all_values
 
 
 def row_positions(past: Sequence[int], t: int, device: torch.device) -> torch.Tensor:

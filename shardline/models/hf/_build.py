@@ -13,7 +13,7 @@ from torch import nn
 
 from . import gpt2, llama
 from ._checkpoint import Checkpoint, CheckpointError
-from ._layers import Decoder
+from ._layers import Decoder, Head
 
 __all__ = ["FAMILIES", "family_of", "hf_config", "layers", "n_layers", "torch_dtype"]
 
@@ -63,6 +63,7 @@ def layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
 
     built: list[nn.Module] = []
+    rotary: nn.Module | None = None
     sources: list[dict[str, str]] = []  # per layer: local state key -> checkpoint name
     for i in range(start, end):
         with torch.device("meta"):
@@ -76,8 +77,9 @@ def layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
                 inner, prefix = family.decoder(cfg, i - 1)
                 names = {f"layer.{k}": prefix + k for k in inner.state_dict()}
         if 0 < i < total - 1:  # rotary tables are computed at construction: not on meta
-            module = Decoder(inner, family.rotary(cfg), family.window(cfg, i - 1),
-                             _cache_arg(inner))
+            if rotary is None:  # one for the stage: its layers share each call's tables
+                rotary = family.rotary(cfg)
+            module = Decoder(inner, rotary, family.window(cfg, i - 1), _cache_arg(inner))
         built.append(module)
         sources.append({k: _resolve(checkpoint, family, n) for k, n in names.items()})
 
@@ -90,6 +92,8 @@ def layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
                       if t.is_meta]
         if still_meta:
             raise CheckpointError(f"layer tensors {still_meta} were not in the checkpoint")
+        if isinstance(module, Head):
+            module.transpose_weight()
     if tied and start == 0 and end == total:  # one stage holds both ends: one tensor
         built[-1].out.weight = built[0].tokens.weight  # type: ignore[union-attr]
     log.debug("built layers [%d, %d) of %s from %d tensors", start, end,
