@@ -21,7 +21,7 @@ from ._plan import LOCAL, DevicePlan, Place, Plan
 from ._spec import LayerSpec
 from ._stage import StageActor
 
-__all__ = ["Fleet", "Replacements", "StageOptions"]
+__all__ = ["Fleet", "Replacements", "Saved", "StageOptions"]
 
 log = logging.getLogger("shardline.models")
 
@@ -44,6 +44,15 @@ class StageOptions:
     cache_idle_s: float
     check_finite: bool
     wire_dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A fleet as it was (``Fleet.checkpoint``)."""
+
+    plan: Plan
+    refs: dict[tuple[int, int], ActorRef]
+    holders: dict[str, ActorRef]
 
 
 class Fleet:
@@ -252,6 +261,26 @@ class Fleet:
         await self.form_groups()
         await self.ensure_holders()
         return old, moved
+
+    def checkpoint(self) -> Saved:
+        """What ``revert`` goes back to: the plan and the actors it names."""
+        return Saved(self.plan, dict(self.refs), dict(self.holders))
+
+    async def revert(self, saved: Saved, timeout: float = 5.0) -> None:
+        """Back to ``saved`` after a ``replace`` that could not finish, and stop the
+        actors spawned since. Its lost nodes are then still in the plan, with their
+        dead actors: a call that reaches them fails at once and heals again. Never a
+        half-moved replica: a new stage that its neighbours were never linked to would
+        wait for inputs sent to the old one's address, forever."""
+        spawned = [ref for key, ref in self.refs.items() if saved.refs.get(key) is not ref]
+        spawned += [ref for address, ref in self.holders.items()
+                    if saved.holders.get(address) is not ref]
+        self.plan, self.refs, self.holders = saved.plan, dict(saved.refs), \
+            dict(saved.holders)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+            for ref in spawned:
+                with contextlib.suppress(ShardlineError):  # on a node lost meanwhile
+                    await ref.stop()
 
     async def stop(self) -> None:
         for ref in [*self.refs.values(), *self.holders.values()]:
