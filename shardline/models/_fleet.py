@@ -14,7 +14,7 @@ import anyio
 import torch
 from torch import nn
 
-from .. import ActorMesh, ActorRef, Node, RemoteNode, ShardlineError, to_thread
+from .. import ActorMesh, ActorRef, Node, NodeLost, RemoteNode, ShardlineError, to_thread
 from ..transport import parse_tcp
 from ._allreduce import master_store
 from ._plan import LOCAL, DevicePlan, Place, Plan
@@ -242,13 +242,9 @@ class Fleet:
                 gone = self.nodes.get(address)
                 if gone is None:
                     continue
-                node = await self.replacements.replacement(
-                    gone, timeout=self.replacement_timeout)
-                self.nodes[node.address] = node
+                node = await self._replacement(gone)
                 fresh.append(Place(node.address, "cpu"))
             old = replace(old, spares=(*old.spares, *fresh))
-            for spare in fresh:
-                await self._holder(spare.node)  # warm: torch imported before the spawn
         new = old.replace(lost)
         moved = old.moved(new)
         for address in lost:
@@ -261,6 +257,27 @@ class Fleet:
         await self.form_groups()
         await self.ensure_holders()
         return old, moved
+
+    async def _replacement(self, gone: RemoteNode, tries: int = 3) -> RemoteNode:
+        """The node ``replacements`` hand back for ``gone``, with a holder on it (warm:
+        torch imported before the spawn). One lost before it is used is replaced in
+        turn: a cluster hands back its worker's newest process, which may itself have
+        died and be restarting, and failing on it would only fail the rebuild."""
+        assert self.replacements is not None
+        first = gone.address
+        for _ in range(tries):
+            node = await self.replacements.replacement(
+                gone, timeout=self.replacement_timeout)
+            self.nodes[node.address] = node
+            try:
+                await self._holder(node.address)
+            except NodeLost:
+                log.info("the node replacing %s was lost as well (%s): waiting for its "
+                         "replacement", first, node.address)
+                gone = node
+                continue
+            return node
+        raise NodeLost(f"{tries} nodes in a row replacing {first} were lost")
 
     def checkpoint(self) -> Saved:
         """What ``revert`` goes back to: the plan and the actors it names."""
