@@ -86,6 +86,22 @@ async def test_with_replicas_no_request_fails_while_workers_die(tmp_path: Path) 
         s.close()
 
 
+async def test_minilm_with_replicas_no_request_fails_while_workers_die(tmp_path: Path) -> None:
+    # MiniLM's stages hold over 16 MiB each: rebuilding a copy from its sibling moves
+    # that state as one reply larger than the reply window.
+    s = Server(tmp_path / "err.log", "--stages", "2", "--replicas", "2")
+    try:
+        chaos = Chaos(s, ("/v1/embeddings", {"model": "minilm",
+                                             "input": ["a steady load", "of two texts"]}))
+        await chaos.run()
+        assert chaos.kills >= 3
+        assert chaos.bad == [] and set(chaos.statuses) == {200}, chaos.statuses
+        assert s.recoveries("worker") == chaos.kills
+        assert s.errors() == []
+    finally:
+        s.close()
+
+
 async def test_without_replicas_the_gaps_are_503s_with_retry_after(tmp_path: Path) -> None:
     s = Server(tmp_path / "err.log", "--stages", "2")
     try:

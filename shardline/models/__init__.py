@@ -10,6 +10,7 @@ from ._batcher import Batcher as Batcher
 from ._batcher import QueueFull as QueueFull
 from ._errors import PipelineError as PipelineError
 from ._errors import PlanError as PlanError
+from ._errors import RecoveryFailed as RecoveryFailed
 from ._partition import partition as partition
 from ._pipeline import Pipeline as Pipeline
 from ._plan import Plan as Plan
@@ -24,6 +25,6 @@ from .compress import prune as prune
 from .compress import quantize as quantize
 
 __all__ = ["Batcher", "Compressed", "CompressionReport", "LayerSpec", "Pipeline",
-           "PipelineError", "Plan", "PlanError", "QueueFull", "StageActor", "StepTrace",
-           "Trace", "TraceSpan", "compress", "gpt", "hf", "minilm", "partition", "prune",
-           "quantize", "schedules"]
+           "PipelineError", "Plan", "PlanError", "QueueFull", "RecoveryFailed", "StageActor",
+           "StepTrace", "Trace", "TraceSpan", "compress", "gpt", "hf", "minilm", "partition",
+           "prune", "quantize", "schedules"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .._errors import ShardlineError
 
-__all__ = ["PipelineError", "PlanError"]
+__all__ = ["PipelineError", "PlanError", "RecoveryFailed"]
 
 
 class PipelineError(ShardlineError):
@@ -23,3 +23,9 @@ class PipelineError(ShardlineError):
 
 class PlanError(ShardlineError, ValueError):
     """No plan satisfies what was asked (not enough spares, a bad placement)."""
+
+
+class RecoveryFailed(PipelineError):
+    """Rebuilding lost stages did not finish: another node was lost meanwhile, or the
+    rebuild ran past its deadline. The pipeline is as it was before the attempt (the
+    lost stages still lost), so the next call tries again."""

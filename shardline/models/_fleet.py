@@ -14,14 +14,14 @@ import anyio
 import torch
 from torch import nn
 
-from .. import ActorMesh, ActorRef, Node, RemoteNode, ShardlineError, to_thread
+from .. import ActorMesh, ActorRef, Node, NodeLost, RemoteNode, ShardlineError, to_thread
 from ..transport import parse_tcp
 from ._allreduce import master_store
 from ._plan import LOCAL, DevicePlan, Place, Plan
 from ._spec import LayerSpec
 from ._stage import StageActor
 
-__all__ = ["Fleet", "Replacements", "StageOptions"]
+__all__ = ["Fleet", "Replacements", "Saved", "StageOptions"]
 
 log = logging.getLogger("shardline.models")
 
@@ -44,6 +44,15 @@ class StageOptions:
     cache_idle_s: float
     check_finite: bool
     wire_dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A fleet as it was (``Fleet.checkpoint``)."""
+
+    plan: Plan
+    refs: dict[tuple[int, int], ActorRef]
+    holders: dict[str, ActorRef]
 
 
 class Fleet:
@@ -233,13 +242,9 @@ class Fleet:
                 gone = self.nodes.get(address)
                 if gone is None:
                     continue
-                node = await self.replacements.replacement(
-                    gone, timeout=self.replacement_timeout)
-                self.nodes[node.address] = node
+                node = await self._replacement(gone)
                 fresh.append(Place(node.address, "cpu"))
             old = replace(old, spares=(*old.spares, *fresh))
-            for spare in fresh:
-                await self._holder(spare.node)  # warm: torch imported before the spawn
         new = old.replace(lost)
         moved = old.moved(new)
         for address in lost:
@@ -252,6 +257,47 @@ class Fleet:
         await self.form_groups()
         await self.ensure_holders()
         return old, moved
+
+    async def _replacement(self, gone: RemoteNode, tries: int = 3) -> RemoteNode:
+        """The node ``replacements`` hand back for ``gone``, with a holder on it (warm:
+        torch imported before the spawn). One lost before it is used is replaced in
+        turn: a cluster hands back its worker's newest process, which may itself have
+        died and be restarting, and failing on it would only fail the rebuild."""
+        assert self.replacements is not None
+        first = gone.address
+        for _ in range(tries):
+            node = await self.replacements.replacement(
+                gone, timeout=self.replacement_timeout)
+            self.nodes[node.address] = node
+            try:
+                await self._holder(node.address)
+            except NodeLost:
+                log.info("the node replacing %s was lost as well (%s): waiting for its "
+                         "replacement", first, node.address)
+                gone = node
+                continue
+            return node
+        raise NodeLost(f"{tries} nodes in a row replacing {first} were lost")
+
+    def checkpoint(self) -> Saved:
+        """What ``revert`` goes back to: the plan and the actors it names."""
+        return Saved(self.plan, dict(self.refs), dict(self.holders))
+
+    async def revert(self, saved: Saved, timeout: float = 5.0) -> None:
+        """Back to ``saved`` after a ``replace`` that could not finish, and stop the
+        actors spawned since. Its lost nodes are then still in the plan, with their
+        dead actors: a call that reaches them fails at once and heals again. Never a
+        half-moved replica: a new stage that its neighbours were never linked to would
+        wait for inputs sent to the old one's address, forever."""
+        spawned = [ref for key, ref in self.refs.items() if saved.refs.get(key) is not ref]
+        spawned += [ref for address, ref in self.holders.items()
+                    if saved.holders.get(address) is not ref]
+        self.plan, self.refs, self.holders = saved.plan, dict(saved.refs), \
+            dict(saved.holders)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+            for ref in spawned:
+                with contextlib.suppress(ShardlineError):  # on a node lost meanwhile
+                    await ref.stop()
 
     async def stop(self) -> None:
         for ref in [*self.refs.values(), *self.holders.values()]:

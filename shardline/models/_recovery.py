@@ -14,7 +14,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._errors import PipelineError, PlanError
+import anyio
+
+from .._errors import ShardlineError
+from ._errors import PipelineError, PlanError, RecoveryFailed
 from ._plan import DevicePlan, Plan
 
 if TYPE_CHECKING:
@@ -26,6 +29,10 @@ log = logging.getLogger("shardline.models")
 
 Key = tuple[int, int]  # (replica, device)
 
+# A rebuild past this is given up and undone (a node that answers but never finishes
+# its part would otherwise hold every call of the pipeline, which waits for it).
+REBUILD_TIMEOUT = 120.0
+
 
 async def recover(s: Scheduler, exc: PipelineError, attempts: int,
                   redo: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
@@ -33,7 +40,15 @@ async def recover(s: Scheduler, exc: PipelineError, attempts: int,
     Returns the batches to run (again)."""
     if attempts > s.max_recoveries:
         raise exc
-    mode = await heal(s, exc)
+    while True:
+        try:
+            mode = await heal(s, exc)
+            break
+        except RecoveryFailed:
+            # undone: heal again, with whatever else was lost meanwhile
+            attempts += 1
+            if attempts > s.max_recoveries:
+                raise
     if mode == "snapshot":
         # everything rolled back to the stable version: replay from there
         assert s._stable is not None
@@ -49,9 +64,11 @@ async def recover(s: Scheduler, exc: PipelineError, attempts: int,
 async def heal(s: Scheduler, exc: PipelineError) -> str:
     """Replace the devices of lost nodes and restore their state; raises ``exc``
     when no node was lost (a stage raised: it would raise again) or when the
-    pipeline cannot recover. Returns where the state came from: ``"replica"``,
-    ``"snapshot"`` (every device rolled back to the stable version) or ``"fresh"``
-    (nothing trained yet: a new stage built from the spec is the state)."""
+    pipeline cannot recover, and ``RecoveryFailed`` when the rebuild could not finish
+    (the pipeline is then as it was before, and a later call heals again). Returns
+    where the state came from: ``"replica"``, ``"snapshot"`` (every device rolled back
+    to the stable version) or ``"fresh"`` (nothing trained yet: a new stage built from
+    the spec is the state)."""
     fleet = s.fleet
     if not fleet.can_replace():
         raise exc
@@ -62,12 +79,54 @@ async def heal(s: Scheduler, exc: PipelineError) -> str:
     old = fleet.plan
     gone = old.on_nodes(lost)
     sources = _sources(s, old, lost, exc)
-    old_holders = dict(fleet.holders)
+    saved = fleet.checkpoint()
+    log.info("rebuilding stages %s lost with %s",
+             sorted({stage for dev in gone for stage in dev.stages}), ", ".join(sorted(lost)))
     try:
-        _, moved = await fleet.replace(lost)
+        with anyio.fail_after(REBUILD_TIMEOUT):
+            mode, moved = await _rebuild(s, old, lost, sources, saved.holders)
     except PlanError as plan_error:
+        await fleet.revert(saved)
         raise PipelineError(f"{exc}; cannot recover: {plan_error}", exc.stage,
                             exc.replica) from exc
+    except (ShardlineError, TimeoutError) as error:
+        # Another node lost meanwhile (the new one, the copy the state comes from), or
+        # past the deadline: undone as a whole, so that no replica is left half moved.
+        await fleet.revert(saved)
+        why = f"no rebuild within {REBUILD_TIMEOUT} s" \
+            if isinstance(error, TimeoutError) and not isinstance(error, ShardlineError) \
+            else f"{type(error).__name__}: {error}"
+        log.warning("rebuilding the stages lost with %s did not finish (%s); undone, "
+                    "to be tried again", ", ".join(sorted(lost)), why)
+        raise RecoveryFailed(f"{exc}; rebuilding the lost stages did not finish: {why}",
+                             exc.stage, exc.replica) from error
+    except BaseException:
+        await fleet.revert(saved)
+        raise
+    record = {
+        "what": "node_lost", "lost": sorted(lost),
+        "stages": sorted({s for dev in gone for s in dev.stages}),
+        "moved_to": sorted({dev.place.node for dev in moved}),
+        "from": mode, "step": s.committed + 1, "start": started,
+        "seconds": time.time() - started, "error": str(exc)}
+    s.recoveries.append(record)
+    if s.node.metrics is not None:
+        s.node.metrics.count_recovery("stage")
+    s._records.append({"step": -1, "what": "recover", "start": started,
+                          "end": time.time(), "devices": []})
+    log.warning("pipeline recovered from the loss of %s in %.2f s: stages %s moved to "
+                "%s, state from %s", ", ".join(sorted(lost)), record["seconds"],
+                record["stages"], ", ".join(sorted({d.place.node for d in moved})),
+                mode)
+    return mode
+
+
+async def _rebuild(s: Scheduler, old: Plan, lost: set[str],
+                   sources: dict[Key, tuple[str, Key | None]],
+                   old_holders: dict[str, Any]) -> tuple[str, list[DevicePlan]]:
+    """``heal``'s part that changes the fleet: re-place, relink, restore state."""
+    fleet = s.fleet
+    _, moved = await fleet.replace(lost)
     modes = {mode for mode, _ in sources.values()}
     mode = "snapshot" if "snapshot" in modes else "replica" if "replica" in modes \
         else "fresh"
@@ -104,22 +163,7 @@ async def heal(s: Scheduler, exc: PipelineError) -> str:
         s._taken = None
     if s.snapshot_every and s._stable is not None:
         await _rehome(s, old, moved)
-    record = {
-        "what": "node_lost", "lost": sorted(lost),
-        "stages": sorted({s for dev in gone for s in dev.stages}),
-        "moved_to": sorted({dev.place.node for dev in moved}),
-        "from": mode, "step": s.committed + 1, "start": started,
-        "seconds": time.time() - started, "error": str(exc)}
-    s.recoveries.append(record)
-    if s.node.metrics is not None:
-        s.node.metrics.count_recovery("stage")
-    s._records.append({"step": -1, "what": "recover", "start": started,
-                          "end": time.time(), "devices": []})
-    log.warning("pipeline recovered from the loss of %s in %.2f s: stages %s moved to "
-                "%s, state from %s", ", ".join(sorted(lost)), record["seconds"],
-                record["stages"], ", ".join(sorted({d.place.node for d in moved})),
-                mode)
-    return mode
+    return mode, moved
 
 
 def _sources(s: Scheduler, plan: Plan, lost: set[str],

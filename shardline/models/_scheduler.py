@@ -34,7 +34,7 @@ from .. import Actor, ActorRef, ShardlineError
 from . import _tree
 from ._batched import batched_call, fail
 from ._batching import DecodeBatcher, PrefillQueue, Row
-from ._errors import PipelineError
+from ._errors import PipelineError, RecoveryFailed
 from ._fleet import Fleet
 from ._gate import StepGate
 from ._plan import DevicePlan, Plan
@@ -388,7 +388,10 @@ class Scheduler(Actor):
             async with self._gate.hold(exclusive=True):
                 # another call may have healed it meanwhile
                 if await self.fleet.lost_nodes(self.probe_timeout):
-                    await heal(self, failure)
+                    try:
+                        await heal(self, failure)
+                    except RecoveryFailed:
+                        return  # undone: the call runs again, and heals again if need be
                 self._down.clear()
         else:
             self._down |= {dev.replica for dev in self.plan.on_nodes(lost)}

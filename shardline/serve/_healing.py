@@ -64,13 +64,17 @@ class Recovery:
 
     def __init__(self, name: str, pipe: Pipeline, metrics: ServeMetrics,
                  probe: Callable[[], Awaitable[None]], *, cluster: LocalCluster | None = None,
-                 poll: float = 0.2, restart_timeout: float = 120.0) -> None:
+                 poll: float = 0.2, restart_timeout: float = 120.0,
+                 call_timeout: float = 300.0) -> None:
         self.name = name
         self.pipe = pipe
         self.metrics = metrics
         self.cluster = cluster
         self.poll = poll
         self.restart_timeout = restart_timeout
+        self.call_timeout = call_timeout
+        """Bound on one call of ``_rebuild`` (it may wait for the pipeline's own
+        rebuild, which gives up and undoes itself well before)."""
         self._call = probe
         self._lost: dict[str, float] = {}  # address -> when its loss was noticed (monotonic)
         self._seen_losses = 0
@@ -220,7 +224,8 @@ class Recovery:
         while any(dev.place.node == address for dev in self.pipe.plan.all_devices()):
             try:
                 since = time.monotonic()
-                await self._call()
+                with anyio.fail_after(self.call_timeout):
+                    await self._call()
                 self.progress(since)
             except (ShardlineError, TimeoutError) as exc:
                 log.warning("rebuilding the stages lost with %s: %s; trying again in "
