@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -305,7 +306,11 @@ class Peer:
         same node (and registers it there, shared memory included); if it cannot
         connect (another network namespace), fails its handshake or gets no answer
         within ``timeout``, the connection stays on TCP."""
-        dealer, monitor = self._open(address)
+        try:
+            dealer, monitor = self._open(address)
+        except ValueError as exc:
+            log.debug("staying on TCP to %s: %s", self.address, exc)
+            return
         candidate = LoopSocket(dealer, self._on_message, copied=1)
         rid = next(self._ids)
         fut: asyncio.Future[Any] = self._loop.create_future()
@@ -326,11 +331,13 @@ class Peer:
             self.sock, self._monitor, self.via = candidate, watch, address
             moved = True
         except (ShardlineError, TimeoutError) as exc:
-            log.debug("staying on TCP to %s: %s", self.address, exc or "no answer over ipc")
+            log.debug("staying on TCP to %s: %s", self.address,
+                      str(exc) or f"no answer over ipc within {timeout} s")
         finally:
             self.pending.pop(rid, None)
             if not moved:
-                dealer.disable_monitor()
+                with contextlib.suppress(zmq.ZMQError):  # the node may be closing
+                    dealer.disable_monitor()
                 watch.close()
                 candidate.close()
 
