@@ -3,6 +3,7 @@ handler that serves this node's actors to the network."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import time
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,14 @@ class RemoteTarget:
                   "kw": kwargs}
         metrics = self._node.metrics
         if metrics is None:
+            if timeout is None:
+                # The common case, without the coroutine of Peer.call around it.
+                fut = peer.request(header)
+                try:
+                    return await fut
+                except asyncio.CancelledError:
+                    peer.give_up(header)
+                    raise
             return await peer.call(header, timeout)
         started = time.monotonic()
         try:
@@ -252,7 +261,7 @@ def serve_request(node: Node, msg: dict[str, Any], reply: Reply) -> None:
         cell = node._cell(_actor_id(msg))
         method, args, kwargs = msg.get("m"), msg.get("a", []), msg.get("kw", {})
         if not isinstance(method, str) or not isinstance(args, list) or not isinstance(
-                kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+                kwargs, dict) or (kwargs and not all(isinstance(k, str) for k in kwargs)):
             raise ProtocolError("a call needs m: str, a: array, kw: map with string keys")
         if kind == "call":
             reply.on_cancel = cell.abandon

@@ -287,7 +287,8 @@ class Codec:
                  *, max_header_size: int = 16 << 20, max_frame_size: int = 1 << 30) -> None:
         self._extra_enc = {cls: (code, enc) for cls, (code, enc, _) in (extra or {}).items()}
         self._extra_dec = {code: dec for _, (code, _, dec) in (extra or {}).items()}
-        self._buffers: list[Any] = []
+        self._buffers: list[Any] | None = None  # of the message being encoded
+        self._link: Link | None = None
         self._frames: Sequence[Any] = ()
         self._packer = msgpack.Packer(default=self._default, use_bin_type=True,
                                       datetime=False)
@@ -296,6 +297,7 @@ class Codec:
         # None: never shared memory, whatever the peer
         self.shm_min_bytes = default_shm_min_bytes()
         self._no_frames = _Incoming()
+        self._hook = self._ext_hook  # one bound method, not one per message
 
     # -- encoding --------------------------------------------------------------
 
@@ -305,11 +307,10 @@ class Codec:
         (as ``what``, by default ``describe(header)``). ``link``: the peer is a process
         on this host, reachable by shared memory (large buffers then go there; the
         result is ``Frames``)."""
-        if link is None or self.shm_min_bytes is None:
-            buffers: list[Any] = []
-        else:
-            buffers = Buffers(link, self.shm_min_bytes)
-        self._buffers = buffers
+        # The buffer list is made by the first extension value met (see _default):
+        # most messages have none, and this runs for every message.
+        self._link = link
+        self._buffers = None
         try:
             data = self._packer.pack(header)
             if len(data) > self.max_header_size:
@@ -320,25 +321,27 @@ class Codec:
         except BaseException as exc:
             self._packer.reset()
             what = what or describe(header)
-            if type(buffers) is Buffers and buffers.placed:
+            lent: list[Any] | None = self._buffers
+            if type(lent) is Buffers and lent.placed:
                 from ._exchange import exchange
 
-                exchange().unlend(buffers.placed)
+                exchange().unlend(lent.placed)
             if isinstance(exc, _Unencodable):
                 raise self._unencodable(header, exc.obj, exc.reason, what) from None
             if isinstance(exc, (OverflowError, ValueError, TypeError)):
                 raise SerializationError(f"{what} cannot be encoded: {exc}") from None
             raise
         finally:
-            self._buffers = []
+            buffers = self._buffers
+            self._buffers = self._link = None
+        if buffers is None:
+            return [data]
         if type(buffers) is Buffers and buffers.placed:
             frames = Frames([data, *buffers])
             frames.placed = buffers.placed
             frames.shm_bytes = buffers.shm_bytes
             return frames
-        if buffers:
-            return [data, *buffers]
-        return [data]
+        return [data, *buffers]
 
     def _default(self, obj: Any) -> Any:
         cls = type(obj)
@@ -352,8 +355,13 @@ class Codec:
             if entry is None:
                 raise _Unencodable(obj, "msgpack cannot carry it and no extension is registered")
         code, encode = entry
+        buffers = self._buffers
+        if buffers is None:
+            link, min_bytes = self._link, self.shm_min_bytes
+            buffers = self._buffers = [] if link is None or min_bytes is None else \
+                Buffers(link, min_bytes)
         try:
-            payload = encode(obj, self._buffers)
+            payload = encode(obj, buffers)
         except SerializationError as exc:
             raise _Unencodable(obj, str(exc)) from None
         if type(payload) is msgpack.ExtType:
@@ -406,7 +414,7 @@ class Codec:
             if len(header) > self.max_header_size:
                 raise ProtocolError(f"header of {len(header)} bytes is over the limit of "
                                     f"{self.max_header_size}")
-            msg = msgpack.unpackb(header, ext_hook=self._ext_hook, raw=False,
+            msg = msgpack.unpackb(header, ext_hook=self._hook, raw=False,
                                   strict_map_key=False, timestamp=0)
         except ProtocolError:
             release_unviewed(header, shm_from, incoming.viewed)

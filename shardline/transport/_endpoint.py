@@ -25,6 +25,7 @@ from ._address import is_loopback, parse_tcp, primary_address, split_key, with_k
 from ._codec import Codec, release_unviewed
 from ._curve import KeyPair
 from ._exchange import Link, exchange, poll_exchange
+from ._ipc import bind_ipc
 from ._loopsock import LoopSocket
 from ._outgoing import Outgoing
 from ._peer import Peer
@@ -145,6 +146,8 @@ class Endpoint:
         # route -> the shared-memory token its hello announced: the only process whose
         # segments that client's messages may name.
         self.shm_procs: dict[bytes, int] = {}
+        # The hello's offer of this node's ipc:// endpoint to clients on its host.
+        self._ipc_offer: dict[str, str] | None = None
         self._closed = False
 
     # -- sockets -------------------------------------------------------------------
@@ -204,6 +207,7 @@ class Endpoint:
                 advertise = f"tcp://{bound_host}:{port}"
             elif advertise.endswith(":0"):
                 advertise = f"{advertise[:-2]}:{port}"
+            self._ipc_offer = bind_ipc(router, self.node_id)
             self._router = LoopSocket(router, self._on_request, copied=2)
         except BaseException:
             router.close(linger=0)
@@ -304,6 +308,8 @@ class Endpoint:
         elif kind == "hello":
             answer = {"v": PROTOCOL_VERSION, "node": self.node_id, "addr": self.address,
                       "info": self.info}
+            if self._ipc_offer is not None:
+                answer["ipc"] = self._ipc_offer
             shm = self.shm_info() if "shm" in msg else None
             if shm is not None:
                 answer["shm"] = shm

@@ -6,10 +6,19 @@ all queued messages in one go, handing each to a synchronous callback. That is w
 lets 100 in-flight asks beat the plain pyzmq asyncio loop instead of trailing it.
 
 ZeroMQ's FD is edge-triggered and a send can swallow the edge of a pending receive,
-so ``ZMQ_EVENTS`` is re-checked after every batch and right after each send (a
-callback is scheduled only if that finds a message waiting). Messages are received
-while ``ZMQ_EVENTS`` says one is there, never until ``EAGAIN``: a ``zmq.Again`` costs
-more (the exception object and its errno lookups) than the message itself.
+so ``ZMQ_EVENTS`` is re-checked after every message and once after sends (one check,
+scheduled, covers every send of a loop iteration). Each check costs two system calls
+(libzmq polls its mailbox), so none is made where it tells nothing new:
+
+- a readable event goes straight to ``recv``, which processes the mailbox itself;
+- when a message wakes a waiting task (a reply for a caller), the check for more is
+  left until that task has run: the caller's next request leaves first, and the
+  check then also covers the send it made.
+
+Messages are received while ``ZMQ_EVENTS`` says one is there, never until ``EAGAIN``:
+a ``zmq.Again`` costs more (the exception object and its errno lookups) than the
+message itself; only the first ``recv`` of a readable event may meet one (an event
+with nothing behind it).
 """
 
 from __future__ import annotations
@@ -32,14 +41,14 @@ log = logging.getLogger("shardline.transport")
 # Messages handled per readable event before yielding to other tasks.
 _BATCH = 512
 # Plain ints: pyzmq's constants are enums, and enum arithmetic costs microseconds.
-_EVENTS, _RCVMORE = int(zmq.EVENTS), int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
 _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
 _MORE = int(zmq.SNDMORE) | _NOBLOCK
 # pyzmq's compiled send, without the Python layer of ``send_multipart`` and ``send``
 # (routing ids, groups, argument checks): 3-4 us less per message on a small VM.
 _raw_send = _RawSocket.send
 _raw_recv = _RawSocket.recv
-_raw_get = _RawSocket.get  # getsockopt, without turning the option into an enum
+_raw_get = _RawSocket.get  # getsockopt, without the Python layer
 
 
 # Frames below this size are copied into ZeroMQ. Sent without a copy, a frame must be
@@ -71,10 +80,12 @@ class LoopSocket:
 
     ``copied`` leading frames arrive as ``bytes`` (identity, header); the rest as
     ``zmq.Frame`` whose ``.buffer`` is a zero-copy view of the received data.
+    ``on_message`` returns True when it woke a task waiting for that message (see the
+    module docstring: the check for more waits until that task has run).
     """
 
-    def __init__(self, sock: zmq.Socket[Any], on_message: Callable[[list[Any]], None], *,
-                 copied: int) -> None:
+    def __init__(self, sock: zmq.Socket[Any],
+                 on_message: Callable[[list[Any]], bool | None], *, copied: int) -> None:
         self.sock = sock
         self._on_message = on_message
         self._copied = copied
@@ -84,7 +95,7 @@ class LoopSocket:
         self._check_scheduled = False
         self._handling = False  # inside _on_event's loop: it re-checks after each message
         self._closed = False
-        self._loop.add_reader(self._fd, self._on_event)
+        self._loop.add_reader(self._fd, self._on_event, True)
         self._schedule_check()  # anything that arrived before the reader was added
 
     def send(self, frames: list[Any]) -> None:
@@ -109,14 +120,16 @@ class LoopSocket:
         self._after_send()
 
     def _after_send(self) -> None:
-        if self._check_scheduled or self._handling:
-            return  # a check is due anyway (the handler loop checks after each message)
-        try:
-            events: int = _raw_get(self.sock, _EVENTS)  # type: ignore[assignment]
-        except zmq.ZMQError:
-            events = _POLLIN  # let the callback find out what is wrong
-        if events & _POLLIN or (self._outbox and events & _POLLOUT):
-            self._schedule_check()
+        # A check is due anyway when one is scheduled or a handler is running (the
+        # handler loop checks after each message); otherwise one is scheduled, so that
+        # every send of this loop iteration shares it.
+        if not (self._check_scheduled or self._handling):
+            self._check_scheduled = True
+            self._loop.call_soon(self._on_event, False)
+
+    def handle_with(self, on_message: Callable[[list[Any]], bool | None]) -> None:
+        """Hand later messages to ``on_message`` instead."""
+        self._on_message = on_message
 
     @property
     def backlog(self) -> int:
@@ -126,7 +139,7 @@ class LoopSocket:
     def _schedule_check(self) -> None:
         if not self._check_scheduled:
             self._check_scheduled = True
-            self._loop.call_soon(self._on_event)
+            self._loop.call_soon(self._on_event, False)
 
     def _flush(self) -> None:
         sock = self.sock
@@ -138,50 +151,63 @@ class LoopSocket:
                 return
             outbox.popleft()
 
-    def _on_event(self) -> None:
-        self._check_scheduled = False
+    def _on_event(self, readable: bool) -> None:
+        """Drain the socket: ``readable`` when the loop saw the FD readable, False for
+        a scheduled check."""
+        if not readable:
+            self._check_scheduled = False
         if self._closed:
             return
         sock = self.sock
         try:
-            events: int = _raw_get(sock, _EVENTS)  # type: ignore[assignment]
-            if events & _POLLOUT and self._outbox:
-                self._flush()
-            for _ in range(_BATCH):
+            if not readable or self._outbox:
+                events: int = _raw_get(sock, _EVENTS)  # type: ignore[assignment]
+                if events & _POLLOUT and self._outbox:
+                    self._flush()
                 if not events & _POLLIN:
                     return
-                frames = self._recv()
-                if frames is None:
-                    return
+            for _ in range(_BATCH):
+                try:
+                    frames = self._recv()
+                except zmq.Again:
+                    return  # an event with no message behind it (only the first recv)
                 self._handling = True
                 try:
-                    self._on_message(frames)
+                    woke = self._on_message(frames)
                 except Exception:
+                    woke = False
                     log.exception("message handler raised; message dropped")
                 finally:
                     self._handling = False
                 if self._closed:
                     return
+                if woke and readable:
+                    break  # check after the woken task ran (see the module docstring)
+                readable = False
                 events = _raw_get(sock, _EVENTS)  # type: ignore[assignment]
                 if events & _POLLOUT and self._outbox:
                     self._flush()
+                if not events & _POLLIN:
+                    return
         except zmq.ZMQError as exc:
             if self._closed or exc.errno == zmq.ENOTSOCK:
                 return
             log.exception("socket error")
-        # Batch budget used up (or a ZMQ hiccup): come back after other tasks ran.
+        # Batch budget used up, a woken task to run first, or a ZMQ hiccup: come back
+        # after other tasks ran.
         self._schedule_check()
 
-    def _recv(self) -> list[Any] | None:
+    def _recv(self) -> list[Any]:
+        """One whole message; ``zmq.Again`` if none is queued. Frames are received as
+        ``zmq.Frame`` whatever ``copied`` says: its ``more`` is read in C, where asking
+        ``ZMQ_RCVMORE`` through pyzmq converts the option to an enum every time."""
         sock = self.sock
-        try:
-            first = _raw_recv(sock, _NOBLOCK)
-        except zmq.Again:
-            return None
-        frames: list[Any] = [first]
+        frame = _raw_recv(sock, _NOBLOCK, False)
         copied = self._copied
-        while _raw_get(sock, _RCVMORE):
-            frames.append(_raw_recv(sock, 0, len(frames) < copied))
+        frames: list[Any] = [frame.bytes if copied else frame]
+        while frame.more:
+            frame = _raw_recv(sock, 0, False)
+            frames.append(frame.bytes if len(frames) < copied else frame)
         return frames
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -17,6 +18,7 @@ from .._errors import AskTimeout, NodeLost, ProtocolError, ShardlineError, Unaut
 from ._address import parse_tcp
 from ._codec import describe
 from ._exchange import Link, exchange
+from ._ipc import ipc_offer_usable
 from ._loopsock import LoopSocket
 from ._placement import message_size
 from ._shmsock import is_id
@@ -38,6 +40,9 @@ _CONNECT_RETRIED = int(zmq.EVENT_CONNECT_RETRIED)
 # A closed connection fails the peer after this long, so that a supervisor that knows
 # why the process ended (Node._declare_lost) can name the cause to the pending asks.
 DISCONNECT_GRACE = 0.2
+# How long a hello over a node's ipc:// endpoint may take before the connection stays
+# on TCP (the node answered over TCP just before: it is up).
+IPC_HELLO_TIMEOUT = 1.0
 _MONITORED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED
               | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
@@ -82,26 +87,42 @@ class Peer:
         self._refused_is_lost = False
         self._closing: asyncio.TimerHandle | None = None  # a closed connection's fail
         self._monitor: LoopSocket | None = None
+        self._server_key = server_key
+        # Where the connection goes now: the node's TCP address, or its ipc:// endpoint
+        # once a hello found both on one host (see _move_to_ipc).
+        self.via = address
+        dealer, monitor = self._open(address)
+        try:
+            self._monitor = LoopSocket(monitor, self._on_monitor, copied=2)
+            self.sock = LoopSocket(dealer, self._on_message, copied=1)
+        except BaseException:
+            if self._monitor is not None:
+                self._monitor.close()
+            else:
+                monitor.close(linger=0)
+            dealer.close(linger=0)
+            raise
+
+    def _open(self, address: str) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
+        """A DEALER connecting to ``address`` and its monitor socket (kept for the
+        connection's whole life: a closed connection is noticed at once)."""
+        endpoint = self.endpoint
         dealer = endpoint.context.socket(zmq.DEALER)
         monitor: zmq.Socket[Any] | None = None
         try:
             endpoint.configure(dealer)
-            if server_key is not None or endpoint.keys is not None:
-                endpoint.make_curve_client(dealer, server_key)
-            # Kept for the peer's whole life: a closed connection is noticed at once.
+            if self._server_key is not None or endpoint.keys is not None:
+                endpoint.make_curve_client(dealer, self._server_key)
             monitor = dealer.get_monitor_socket(_MONITORED)
             dealer.connect(address)
-            self._monitor = LoopSocket(monitor, self._on_monitor, copied=2)
-            self.sock = LoopSocket(dealer, self._on_message, copied=1)
         except BaseException as exc:
-            if self._monitor is not None:
-                self._monitor.close()
-            elif monitor is not None:
+            if monitor is not None:
                 monitor.close(linger=0)
             dealer.close(linger=0)
             if isinstance(exc, zmq.ZMQError):
                 raise ValueError(f"cannot connect to {address!r}: {exc.strerror}") from None
             raise
+        return dealer, monitor
 
     # -- sending -----------------------------------------------------------------
 
@@ -112,7 +133,7 @@ class Peer:
         rid = next(self._ids)
         header["id"] = rid
         frames = self.endpoint.codec.encode(header, None, self.shm)
-        self.bytes_sent += message_size(frames)
+        self.bytes_sent += len(frames[0]) if len(frames) == 1 else message_size(frames)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self.pending[rid] = fut
         self.sock.send(frames)
@@ -126,7 +147,7 @@ class Peer:
         try:
             return await fut
         except asyncio.CancelledError:
-            self._give_up(header)
+            self.give_up(header)
             raise
         finally:
             if handle is not None:
@@ -136,10 +157,11 @@ class Peer:
         if not fut.done():
             fut.set_exception(AskTimeout(
                 f"{_what(header)} to node {self.address} got no reply within {timeout} s"))
-            self._give_up(header)
+            self.give_up(header)
 
-    def _give_up(self, header: dict[str, Any]) -> None:
-        """Tell the peer to drop (or cancel) the handler of a call nobody waits for."""
+    def give_up(self, header: dict[str, Any]) -> None:
+        """The caller of ``request(header)`` stopped waiting: tell the peer to drop (or
+        cancel) the handler of a call nobody waits for."""
         rid = header["id"]
         if self.pending.pop(rid, None) is not None and header.get("k") == "call" \
                 and not self.is_lost:
@@ -178,7 +200,8 @@ class Peer:
 
     # -- receiving ---------------------------------------------------------------
 
-    def _on_message(self, frames: list[Any]) -> None:
+    def _on_message(self, frames: list[Any]) -> bool:
+        """Settle the request a reply answers; True if that woke its caller."""
         self.last_seen = time.monotonic()
         header = frames[0]
         if len(frames) == 1:
@@ -195,7 +218,7 @@ class Peer:
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
             log.warning("bad reply from %s: %s", self.address, exc)
-            return
+            return fut is not None
         kind = msg.get("k")
         if kind == "pong":
             node = msg.get("node")
@@ -203,16 +226,17 @@ class Peer:
                 self.fail(NodeLost(
                     f"node {self.address} restarted: node {node} answers there now, not "
                     f"{self.node_id}; requests to the old node are lost"))
-            return
+            return False
         fut = self.pending.pop(msg.get("id"), None)  # type: ignore[arg-type]
         if fut is None or fut.done():
-            return  # the caller gave up (timeout, cancel): a late reply is dropped
+            return False  # the caller gave up (timeout, cancel): a late reply is dropped
         if kind == "reply":
             fut.set_result(msg.get("r"))
         elif kind == "error":
             fut.set_exception(error_from_wire(msg.get("e")))
         else:
             fut.set_exception(ProtocolError(f"unexpected reply kind {kind!r}"))
+        return True
 
     def _on_monitor(self, frames: list[Any]) -> None:
         event = int(parse_monitor_message(frames)["event"])
@@ -270,6 +294,52 @@ class Peer:
             self.shm_proc = proc if is_id(proc) else None
             self.shm = exchange().link_to(theirs)
         self._refused_is_lost = False
+        ipc = ipc_offer_usable(info.get("ipc"))
+        if ipc is not None:
+            await self._move_to_ipc(ipc, header, min(timeout, IPC_HELLO_TIMEOUT))
+
+    async def _move_to_ipc(self, address: str, hello: dict[str, Any], timeout: float) -> None:
+        """Move the connection to the node's ipc:// endpoint (same node, same host).
+
+        Runs before the peer is handed to anyone, so nothing else is in flight on the
+        TCP connection. A second hello over the new connection proves it reaches the
+        same node (and registers it there, shared memory included); if it cannot
+        connect (another network namespace), fails its handshake or gets no answer
+        within ``timeout``, the connection stays on TCP."""
+        try:
+            dealer, monitor = self._open(address)
+        except ValueError as exc:
+            log.debug("staying on TCP to %s: %s", self.address, exc)
+            return
+        candidate = LoopSocket(dealer, self._on_message, copied=1)
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        watch = LoopSocket(monitor, lambda frames: _trial_event(frames, fut, address),
+                           copied=2)
+        self.pending[rid] = fut
+        moved = False
+        try:
+            candidate.send(self.endpoint.codec.encode({**hello, "id": rid}, None, self.shm))
+            answer = await asyncio.wait_for(fut, timeout)
+            if not isinstance(answer, dict) or answer.get("node") != self.node_id:
+                raise ProtocolError(f"{address} is not node {self.node_id}")
+            if self.is_lost:
+                return
+            watch.handle_with(self._on_monitor)
+            self._stop_monitor()
+            self.sock.close()
+            self.sock, self._monitor, self.via = candidate, watch, address
+            moved = True
+        except (ShardlineError, TimeoutError) as exc:
+            log.debug("staying on TCP to %s: %s", self.address,
+                      str(exc) or f"no answer over ipc within {timeout} s")
+        finally:
+            self.pending.pop(rid, None)
+            if not moved:
+                with contextlib.suppress(zmq.ZMQError):  # the node may be closing
+                    dealer.disable_monitor()
+                watch.close()
+                candidate.close()
 
     def _stop_monitor(self) -> None:
         if self._monitor is not None:
@@ -308,6 +378,18 @@ class Peer:
     def __repr__(self) -> str:
         state = "lost" if self.is_lost else "alive"
         return f"<Peer {self.address} {state}, {len(self.pending)} pending>"
+
+
+def _trial_event(frames: list[Any], hello: asyncio.Future[Any], address: str) -> None:
+    """Monitor events of a connection being tried (``Peer._move_to_ipc``): a refused
+    connect or a failed handshake ends the try at once instead of at its timeout."""
+    event = int(parse_monitor_message(frames)["event"])
+    if hello.done():
+        return
+    if event == _CONNECT_RETRIED:
+        hello.set_exception(NodeLost(f"cannot connect to {address}"))
+    elif event in _HANDSHAKE_FAILED:
+        hello.set_exception(Unauthorized(f"handshake over {address} failed"))
 
 
 _what = describe
