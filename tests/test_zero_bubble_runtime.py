@@ -80,12 +80,12 @@ async def test_the_trace_shows_separate_input_and_weight_gradients_where_they_pa
     # the V: device 0 holds stages 0 and 3, device 1 stages 1 and 2
     assert {(d, s) for d, s, k in kinds if k == "F"} == {(0, 0), (1, 1), (1, 2), (0, 3)}
     assert {k for _, _, k in kinds} >= {"F", "I", "W", "opt"}
-    # what merge_local_backwards runs whole: stage 0, and stage 2's backwards whose W
-    # came right after the I (its gradient goes to stage 1, on the same device)
+    # what merge_local_backwards runs whole: stage 2's backwards whose W came right
+    # after the I (their gradient goes to stage 1, on the same device)
     ran = [(s.stage, s.kind, s.mb) for s in sorted(trace.steps[0].spans,
                                                   key=lambda s: s.start)
            if s.kind in ("B", "I", "W")]
-    assert {(s, k) for s, k, _ in ran} == {(0, "B"), (1, "I"), (1, "W"), (2, "B"),
+    assert {(s, k) for s, k, _ in ran} == {(0, "I"), (0, "W"), (1, "I"), (1, "W"), (2, "B"),
                                            (2, "I"), (2, "W"), (3, "I"), (3, "W")}
     assert sorted(mb for s, k, mb in ran if (s, k) == (2, "B")) == [0, 1, 2]
     assert [mb for s, k, mb in ran if (s, k) == (2, "I")] == [3]

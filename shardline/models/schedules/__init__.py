@@ -30,9 +30,9 @@ What a runtime needs to know to execute a ``Schedule``:
   ``F`` until its ``B``, or until its ``W`` when split (``peak_activations`` counts so).
 - Two consecutive stages on one device (the bottom of a V: stages ``p - 1`` and ``p``)
   exchange activations and gradients without a message.
-- A runtime may run an ``I`` and the ``W`` right after it as one ``B`` when no other
-  device waits for that input gradient (``merge_local_backwards``): nothing starts
-  later, and the split's own cost is saved. shardline's runtime does.
+- A runtime may run an ``I`` and the ``W`` right after it as one ``B`` when the input
+  gradient goes to a stage on the same device (``merge_local_backwards``): nothing
+  starts later, and the split's own cost is saved. shardline's runtime does.
 - ``validate()`` guarantees every (stage, mb) is ``F`` then ``B``, or ``F``, ``I`` then
   ``W``, in that order on the stage's device; ``simulate()`` that the programs do not
   deadlock.

@@ -1,5 +1,5 @@
-"""What a runtime may run as one backward: an ``I`` whose gradient no other device
-waits for, followed at once by its own ``W``."""
+"""What a runtime may run as one backward: an ``I`` whose gradient goes to a stage on
+the same device, followed at once by its own ``W``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ __all__ = ["merge_local_backwards"]
 
 def merge_local_backwards(schedule: Schedule) -> Schedule:
     """``schedule`` with every ``I`` that its own ``W`` follows at once written as one
-    ``B``, when the input gradient that ``I`` makes stays on the device: on stage 0
-    (nothing goes upstream) or on a stage whose predecessor lives on the same device
-    (the bottom of a V).
+    ``B``, when the input gradient that ``I`` makes stays on the device: its stage's
+    predecessor lives on the same device (the bottom of a V).
 
     Splitting a backward only pays when another device waits for the input gradient
     while the weight gradient is still to come. Here none does: the only consumer of
@@ -24,7 +23,9 @@ def merge_local_backwards(schedule: Schedule) -> Schedule:
     (two autograd passes instead of one, the graph kept between them) is saved, and
     the activations are freed one action earlier. With ``B = I + W`` the simulated
     makespan is the same; every other action is kept as it was, so the orders that
-    match torch pipelining's keep matching them."""
+    match torch pipelining's keep matching them. (Stage 0 sends no input gradient
+    either, but its ``I`` is already free: its ``W`` runs the whole backward in one
+    pass.)"""
     programs = []
     for d, acts in enumerate(schedule.actions):
         out: list[Action] = []
@@ -33,7 +34,7 @@ def merge_local_backwards(schedule: Schedule) -> Schedule:
             a = acts[i]
             if (a.kind == "I" and i + 1 < len(acts)
                     and acts[i + 1] == Action(a.stage, "W", a.mb)
-                    and (a.stage == 0 or schedule.device_of(a.stage - 1) == d)):
+                    and a.stage > 0 and schedule.device_of(a.stage - 1) == d):
                 out.append(Action(a.stage, "B", a.mb))
                 i += 2
                 continue

@@ -32,7 +32,7 @@ def search(devices: int, microbatches: int,
     ``durations`` is either ``{"F": f, "I": i, "W": w}`` (every stage alike) or what
     ``StepTrace.durations()`` returns for a step run with split backwards, keyed
     ``(stage, kind, mb)`` (averaged per stage and kind, so uneven stages are taken into
-    account; stage 0's whole ``B``, as the runtime runs it, counts as weight gradient).
+    account).
 
     Candidates: 1F1B and ZB-H1 where they fit the memory, and a greedy list scheduler
     played in simulated time for a range of warm-up depths, with ``W`` either filling
@@ -88,11 +88,6 @@ def _per_stage(p: int, durations: Mapping[str, float] | Mapping[tuple[int, str, 
         if not 0 <= stage < p:
             raise ValueError(f"durations name stage {stage}, outside 0..{p - 1}")
         sums.setdefault((stage, kind), []).append(float(value))
-    if (0, "B") in sums and all((s, k) in sums for s in range(1, p) for k in "IW"):
-        # A split schedule's stage 0 ran its backwards whole (merge_local_backwards):
-        # its input gradient is nothing (it sends none), so all of it is weight gradient.
-        sums.setdefault((0, "W"), []).extend(sums.pop((0, "B")))
-        sums.setdefault((0, "I"), [0.0])
     costs = []
     for s in range(p):
         absent = [k for k in "FIW" if (s, k) not in sums]
