@@ -286,6 +286,9 @@ def main() -> None:
                         help="F = I = W cost of a stage in (c), in ms (default 20)")
     parser.add_argument("--only", choices=["a", "b", "c", "d"], action="append",
                         help="run only these parts (repeatable; default all)")
+    parser.add_argument("--zero-bubble", default="zb-h1,zbv,dualpipev",
+                        help="the schedules (d) compares, comma-separated "
+                        "(default: zb-h1,zbv,dualpipev)")
     parser.add_argument("--torch-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--torch-schedule", default="1f1b", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -301,7 +304,7 @@ def main() -> None:
     if "c" in parts:
         sl.run(zero_bubble(opts.steps, opts.unit_ms / 1e3))
     for schedule in (["1f1b"] if "b" in parts else []) + (
-            ["zb-h1", "zbv", "dualpipev"] if "d" in parts else []):
+            opts.zero_bubble.split(",") if "d" in parts else []):
         base, ours = sl.run(gpt_versus_torch(opts.steps, opts.threads, opts.rounds,
                                              schedule))
         emit(bench="pipeline", metric=f"gpt_2stage_{schedule}_step_ms", config=GPT,

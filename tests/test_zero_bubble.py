@@ -207,6 +207,76 @@ def test_the_issue_s_ratio_for_four_devices_and_eight_microbatches() -> None:
     assert zb1.makespan / one.makespan == pytest.approx(27 / 33)
 
 
+# -- what the runtime runs as one backward -------------------------------------------
+
+
+def test_an_i_whose_gradient_stays_on_its_device_runs_with_its_w_as_one_b() -> None:
+    merged = S.merge_local_backwards(S.zbv(2, 4))
+    # device 1 is the bottom of the V (stages 1 and 2): 2I's gradient goes to stage 1
+    # on the same device, which runs after the 2W anyway. 3I's gradient goes to
+    # device 1 and 1I's to device 0: those stay split, and so does 2I3, whose W is
+    # not next. Stage 0 sends nothing, but its I is free already: left as it is.
+    assert merged.table() == (
+        "dev0: 0F0 0F1 0F2 3F0 3I0 3W0 3F1 3I1 3W1 0F3 0I0 0W0 3F2 3I2 3W2 0I1 0W1 3F3 "
+        "3I3 3W3 0I2 0W2 0I3 0W3\n"
+        "dev1: 1F0 2F0 1F1 2F1 2B0 1F2 1I0 1W0 2F2 2B1 1F3 1I1 1W1 2F3 2B2 1I2 2I3 1I3 "
+        "1W2 2W3 1W3")
+    assert (merged.name, merged.stage_to_device) == ("zbv", S.zbv(2, 4).stage_to_device)
+    # on one device every stage's predecessor is local; only back-to-back pairs merge
+    one = S.Schedule("t", 1, 2, 2, (program("0F0 1F0 0F1 1F1 1I0 1W0 0I0 0W0 1I1 0I1 "
+                                            "1W1 0W1"),))
+    assert S.merge_local_backwards(one).actions[0] == program(
+        "0F0 1F0 0F1 1F1 1B0 0I0 0W0 1I1 0I1 1W1 0W1")
+    for plain in (S.one_f_one_b(4, 8), S.gpipe(3, 5), S.interleaved_1f1b(2, 4, 2)):
+        assert S.merge_local_backwards(plain) == plain
+
+
+MERGE_COSTS = [(1.0, 1.0, 1.0), (1.0, 2.0, 1.0), (0.5, 1.5, 0.25), (2.0, 0.3, 1.7)]
+
+
+def test_merging_starts_nothing_later_and_keeps_the_makespan() -> None:
+    merges = 0
+    for p, m in itertools.product(range(1, 6), range(1, 11)):
+        for name, make in zero_bubble_builders().items():
+            if name == "dualpipev" and m < 2 * p:
+                continue
+            split = make(p, m)
+            merged = S.merge_local_backwards(split)
+            merged.validate()
+            for d, (before, after) in enumerate(zip(split.actions, merged.actions,
+                                                    strict=True)):
+                for b in (a for a in after if a.kind == "B" and a not in before):
+                    merges += 1
+                    assert b.stage > 0 and split.device_of(b.stage - 1) == d, (name, p, m, b)
+                    i = before.index(S.Action(b.stage, "I", b.mb))
+                    assert before[i + 1] == S.Action(b.stage, "W", b.mb)
+            for comm, (f, i, w) in itertools.product((0.0, 0.4), MERGE_COSTS):
+                costs = costs_of(split, f, i, w)
+                old = S.simulate(split, comm_cost=comm, durations=costs)
+                new = S.simulate(merged, comm_cost=comm, durations=costs)
+                assert new.makespan == pytest.approx(old.makespan), (name, p, m)
+                start = {s.action: s.start for s in old.spans}
+                for span in new.spans:
+                    a = span.action
+                    was = start[S.Action(a.stage, "I", a.mb) if a not in start else a]
+                    assert span.start <= was + 1e-9, (name, p, m, a)
+                assert max(new.peak_activations) <= max(old.peak_activations)
+    assert merges > 100
+
+
+def test_a_trace_of_the_merged_program_simulates_as_the_schedule_it_ran() -> None:
+    split = S.zbv(3, 6)
+    merged = S.merge_local_backwards(split)
+    costs = costs_of(split, 1.0, 2.0, 0.5)
+    measured = {(s.action.stage, s.action.kind, s.action.mb): s.end - s.start
+                for s in S.simulate(merged, durations=costs).spans}
+    assert any(k == "B" for _, k, _ in measured)
+    # the schedule as started (split) with what its merged run measured: each B counts
+    # for its I, and its W costs nothing
+    replay = S.simulate(split, durations=measured)
+    assert replay.makespan == pytest.approx(S.simulate(merged, durations=costs).makespan)
+
+
 # -- torch pipelining's own orders ------------------------------------------------------
 
 

@@ -67,7 +67,7 @@ async def test_across_processes_every_new_schedule_matches_unsharded() -> None:
                     await pipe.stop()
 
 
-async def test_the_trace_shows_separate_input_and_weight_gradients() -> None:
+async def test_the_trace_shows_separate_input_and_weight_gradients_where_they_pay() -> None:
     model = models_fixtures.layers({"n": 8}, 0, 8)
     async with sl.Node() as node:
         pipe = await Pipeline.start(node, model, stages=2, schedule="zbv", microbatches=4,
@@ -80,6 +80,15 @@ async def test_the_trace_shows_separate_input_and_weight_gradients() -> None:
     # the V: device 0 holds stages 0 and 3, device 1 stages 1 and 2
     assert {(d, s) for d, s, k in kinds if k == "F"} == {(0, 0), (1, 1), (1, 2), (0, 3)}
     assert {k for _, _, k in kinds} >= {"F", "I", "W", "opt"}
+    # what merge_local_backwards runs whole: stage 2's backwards whose W came right
+    # after the I (their gradient goes to stage 1, on the same device)
+    ran = [(s.stage, s.kind, s.mb) for s in sorted(trace.steps[0].spans,
+                                                  key=lambda s: s.start)
+           if s.kind in ("B", "I", "W")]
+    assert {(s, k) for s, k, _ in ran} == {(0, "I"), (0, "W"), (1, "I"), (1, "W"), (2, "B"),
+                                           (2, "I"), (2, "W"), (3, "I"), (3, "W")}
+    assert sorted(mb for s, k, mb in ran if (s, k) == (2, "B")) == [0, 1, 2]
+    assert [mb for s, k, mb in ran if (s, k) == (2, "I")] == [3]
 
 
 async def test_split_points_with_two_stages_per_device_is_refused() -> None:

@@ -39,7 +39,7 @@ from ._fleet import Fleet
 from ._gate import StepGate
 from ._plan import DevicePlan, Plan
 from ._recovery import heal, recover
-from .schedules import Action
+from .schedules import Action, merge_local_backwards
 
 __all__ = ["Scheduler"]
 
@@ -95,7 +95,9 @@ class Scheduler(Actor):
         self._loops: dict[str, str] = {}  # the id each queue's loop must be started with
         self.batched = {q: {"calls": 0, "rows": 0, "max_rows": 0}
                         for q in ("prefill", "decode")}
-        self._programs = [_program(acts) for acts in self.plan.schedule.actions]
+        # An I whose gradient stays on its device runs with its W as one backward.
+        self._programs = [_program(acts) for acts
+                          in merge_local_backwards(self.plan.schedule).actions]
 
     @property
     def plan(self) -> Plan:

@@ -30,6 +30,9 @@ What a runtime needs to know to execute a ``Schedule``:
   ``F`` until its ``B``, or until its ``W`` when split (``peak_activations`` counts so).
 - Two consecutive stages on one device (the bottom of a V: stages ``p - 1`` and ``p``)
   exchange activations and gradients without a message.
+- A runtime may run an ``I`` and the ``W`` right after it as one ``B`` when the input
+  gradient goes to a stage on the same device (``merge_local_backwards``): nothing
+  starts later, and the split's own cost is saved. shardline's runtime does.
 - ``validate()`` guarantees every (stage, mb) is ``F`` then ``B``, or ``F``, ``I`` then
   ``W``, in that order on the stage's device; ``simulate()`` that the programs do not
   deadlock.
@@ -41,6 +44,7 @@ from ._action import Kind as Kind
 from ._dualpipe import dualpipe_v as dualpipe_v
 from ._gpipe import gpipe as gpipe
 from ._interleaved import interleaved_1f1b as interleaved_1f1b
+from ._merge import merge_local_backwards as merge_local_backwards
 from ._names import NAMES as NAMES
 from ._names import by_name as by_name
 from ._one_f_one_b import one_f_one_b as one_f_one_b
@@ -65,6 +69,7 @@ __all__ = [
     "dualpipe_v",
     "gpipe",
     "interleaved_1f1b",
+    "merge_local_backwards",
     "one_f_one_b",
     "search",
     "simulate",

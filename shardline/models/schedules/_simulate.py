@@ -66,6 +66,9 @@ def simulate(schedule: Schedule, forward_cost: float = 1.0,
     ``durations`` overrides the cost of single actions, keyed ``(stage, kind, mb)``:
     given the durations a real step measured (``StepTrace.durations()``), the makespan is
     what that step would have taken with no scheduling or communication overhead at all.
+    Where the runtime ran an ``I`` and its ``W`` as one ``B`` (``merge_local_backwards``),
+    that ``B``'s duration counts for the ``I`` and the ``W`` costs nothing, which plays
+    the merged program.
 
     Raises ``ValueError`` if the schedule is invalid or deadlocks.
     """
@@ -111,7 +114,7 @@ def simulate(schedule: Schedule, forward_cost: float = 1.0,
                 if len(ready) < len(needs):
                     break
                 start = max([free[d], *ready])
-                end = start + durations.get((a.stage, a.kind, a.mb), cost[a.kind])
+                end = start + _duration(durations, a, cost[a.kind])
                 key = (a.stage, a.mb)
                 if a.kind == "F":
                     forward_done[key] = end
@@ -137,3 +140,14 @@ def simulate(schedule: Schedule, forward_cost: float = 1.0,
     busy = sum(s.end - s.start for s in spans)
     bubble = 1 - busy / (schedule.n_devices * makespan) if makespan > 0 else 0.0
     return Simulation(makespan, bubble, tuple(peak), tuple(spans))
+
+
+def _duration(durations: Mapping[tuple[int, str, int], float], a: Action,
+              default: float) -> float:
+    got = durations.get((a.stage, a.kind, a.mb))
+    if got is not None:
+        return got
+    merged = durations.get((a.stage, "B", a.mb)) if a.kind in ("I", "W") else None
+    if merged is None:
+        return default
+    return merged if a.kind == "I" else 0.0
