@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 import torch
 
-from .. import Actor, ActorRef, ShardlineError
+from .. import Actor, ActorError, ActorRef, ShardlineError
 from . import _tree
 from ._batched import batched_call, fail
 from ._batching import DecodeBatcher, PrefillQueue, Row
@@ -189,6 +189,10 @@ class Scheduler(Actor):
             try:
                 await self._push(version)
             except PipelineError as exc:
+                if isinstance(exc.__cause__, ActorError):
+                    # The stage could not take or send it (not a lost node): pushing
+                    # it again would fail again; the next commit's snapshot replaces it.
+                    self._taken = self._stable
                 if not failure:
                     failure.append(((exc.replica, exc.stage), exc))
                 tg.cancel_scope.cancel()

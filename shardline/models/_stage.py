@@ -89,7 +89,7 @@ class StageActor(StageState, Actor):
         self._expired: dict[str, None] = {}        # recently expired ids, oldest first
         self._released: dict[str, None] = {}       # recently released ids, oldest first
         self._snapshots = Versions(keep=2)
-        self._captured: asyncio.Future[None] | None = None  # the newest snapshot taken
+        self._captures: dict[int, asyncio.Future[None]] = {}  # version -> taken
         self._later_spans: list[list[Any]] = []    # of deferred snapshots (device thread)
         self.version = 0                           # training steps committed here
         self._sync: GradSync | None = None         # gradient averaging over replicas
@@ -263,9 +263,15 @@ class StageActor(StageState, Actor):
             if snapshot is not None and captured is not None:
                 self._capture_soon(snapshot, loop, captured)
             return spans
-        if captured is not None:
-            self._captured = captured
-        return await self._on_device(apply)
+        spans = await self._on_device(apply)
+        if snapshot is not None and captured is not None:
+            # Only once the capture is scheduled: a commit that failed before it (a
+            # lost replica in the all-reduce, a non-finite gradient) takes no snapshot,
+            # and nobody must wait for one.
+            self._captures[snapshot] = captured
+            for old in sorted(self._captures)[:-self._snapshots.keep - 1]:
+                del self._captures[old]
+        return spans
 
     def _drive(self, program: _Program) -> None:
         """Device thread: run ``program`` from where it stopped, until it needs an input

@@ -35,7 +35,7 @@ class StageState:
     optimizer: torch.optim.Optimizer | None
     version: int
     _snapshots: Versions
-    _captured: asyncio.Future[None] | None
+    _captures: dict[int, asyncio.Future[None]]
     _later_spans: list[list[Any]]
     _device: Device | None
 
@@ -189,11 +189,18 @@ class StageState:
         else:
             self.link.later(capture)
 
-    async def _taken(self) -> None:
-        """Wait until the newest snapshot is taken (and raise if taking it failed)."""
-        if self._captured is not None:
-            # shielded: a reader that gives up must not cancel it for the others
-            await asyncio.shield(self._captured)
+    async def _taken(self, version: int | None = None) -> None:
+        """Wait until snapshot ``version`` is taken, and raise if taking it failed;
+        without ``version``, until every deferred snapshot is settled (failed or not)."""
+        if version is not None:
+            captured = self._captures.get(version)
+            if captured is not None:
+                # shielded: a reader that gives up must not cancel it for the others
+                await asyncio.shield(captured)
+            return
+        pending = list(self._captures.values())
+        if pending:
+            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
 
     def _restore(self, state: State) -> None:
         self._load_state_dict(state["model"])
@@ -217,7 +224,7 @@ class StageState:
 
     async def snapshot_state(self, version: int) -> State:
         """Local snapshot ``version`` (for a sibling replica that needs it too)."""
-        await self._taken()
+        await self._taken(version)
         return pack(self._snapshots.get(version))
 
     async def keep_snapshot(self, version: int, state: State) -> None:
@@ -232,14 +239,14 @@ class StageState:
 
     async def push_snapshot(self, holder: ActorRef, key: str, version: int) -> int:
         """Send local snapshot ``version`` to ``holder`` (on another node)."""
-        await self._taken()
+        await self._taken(version)
         state = pack(self._snapshots.get(version))
         result: int = await holder.put(key, version, state)
         return result
 
     async def restore(self, version: int) -> int:
         """Roll back to local snapshot ``version``."""
-        await self._taken()
+        await self._taken(version)
         state = self._snapshots.get(version)
         await self._on_device(functools.partial(self._restore, state))
         return self.version

@@ -330,7 +330,7 @@ class Peer:
             self.sock.close()
             self.sock, self._monitor, self.via = candidate, watch, address
             moved = True
-        except (ShardlineError, TimeoutError) as exc:
+        except (ShardlineError, TimeoutError, asyncio.TimeoutError) as exc:  # distinct before 3.11
             log.debug("staying on TCP to %s: %s", self.address,
                       str(exc) or f"no answer over ipc within {timeout} s")
         finally:
