@@ -88,3 +88,18 @@ def layers(config: dict[str, Any], start: int, end: int) -> nn.Sequential:
             layer.register_forward_hook(_sleep_after(float(config["slow"])))
         out.append(layer)
     return nn.Sequential(*out)
+
+
+class SGDFailingAtStep(torch.optim.SGD):
+    """SGD whose ``fail_at``-th step raises (a commit that fails before its snapshot)."""
+
+    def __init__(self, params: Any, lr: float, fail_at: int) -> None:
+        super().__init__(params, lr=lr)
+        self._fail_at = fail_at
+        self._steps = 0
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        self._steps += 1
+        if self._steps == self._fail_at:
+            raise RuntimeError("optimizer step failed on purpose")
+        return super().step(closure)

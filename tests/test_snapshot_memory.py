@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 import torch
 
 import shardline as sl
-from shardline.models import LayerSpec, Pipeline
+from shardline.models import LayerSpec, Pipeline, PipelineError
 from shardline.models._snapshot import SnapshotHolder, in_shared_memory, pack, unpack
 from tests.shm_fixtures import in_segment
 
@@ -82,5 +83,31 @@ async def test_every_capture_after_the_optimizer_state_appears_is_one_segment() 
                     seen.append(newest)
                     assert "arena" in state and "model" not in state, newest
             assert sorted(set(seen)) == [1, 2, 3, 4, 5]
+        finally:
+            await pipe.stop()
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_a_commit_that_fails_before_its_snapshot_leaves_no_reader_waiting() -> None:
+    """The snapshot is taken after the optimizer step, deferred to the next bubble; a
+    step whose optimizer raised takes none, and readers of the snapshots must not wait
+    for it (they once waited forever)."""
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    async with sl.Node(allow=["tests"]) as node:
+        pipe = await Pipeline.start(
+            node, LayerSpec("tests.models_fixtures:layers", {"n": 4}, 4), stages=2,
+            snapshot_every=1, microbatches=2, loss_fn="torch.nn.functional:cross_entropy",
+            optimizer=("tests.models_fixtures:SGDFailingAtStep",
+                       {"lr": 0.1, "fail_at": 2}))
+        try:
+            await pipe.train_step(x, y)
+            with pytest.raises(PipelineError, match="failed on purpose"):
+                await pipe.train_step(x, y)
+            with anyio.fail_after(10):
+                for ref in pipe.fleet.refs.values():
+                    assert (await ref.snapshots())[-1] == 1
+                    assert "arena" in await ref.snapshot_state(1)
         finally:
             await pipe.stop()
