@@ -85,14 +85,16 @@ async def heal(s: Scheduler, exc: PipelineError) -> str:
     try:
         with anyio.fail_after(REBUILD_TIMEOUT):
             mode, moved = await _rebuild(s, old, lost, sources, saved.holders)
-    except PlanError as plan_error:
+    except BaseException as error:
+        # Undone as a whole, whatever stopped it: no replica is ever left half moved.
         await fleet.revert(saved)
-        raise PipelineError(f"{exc}; cannot recover: {plan_error}", exc.stage,
-                            exc.replica) from exc
-    except (ShardlineError, TimeoutError) as error:
+        if isinstance(error, PlanError):
+            raise PipelineError(f"{exc}; cannot recover: {error}", exc.stage,
+                                exc.replica) from exc
+        if not isinstance(error, (ShardlineError, TimeoutError)):
+            raise
         # Another node lost meanwhile (the new one, the copy the state comes from), or
-        # past the deadline: undone as a whole, so that no replica is left half moved.
-        await fleet.revert(saved)
+        # past the deadline: a later call heals again.
         why = f"no rebuild within {REBUILD_TIMEOUT} s" \
             if isinstance(error, TimeoutError) and not isinstance(error, ShardlineError) \
             else f"{type(error).__name__}: {error}"
@@ -100,9 +102,6 @@ async def heal(s: Scheduler, exc: PipelineError) -> str:
                     "to be tried again", ", ".join(sorted(lost)), why)
         raise RecoveryFailed(f"{exc}; rebuilding the lost stages did not finish: {why}",
                              exc.stage, exc.replica) from error
-    except BaseException:
-        await fleet.revert(saved)
-        raise
     record = {
         "what": "node_lost", "lost": sorted(lost),
         "stages": sorted({s for dev in gone for s in dev.stages}),

@@ -72,9 +72,9 @@ class Recovery:
         self.cluster = cluster
         self.poll = poll
         self.restart_timeout = restart_timeout
+        # Bounds one call of ``_rebuild``, which may wait for the pipeline's own
+        # rebuild (that one gives up and undoes itself well before).
         self.call_timeout = call_timeout
-        """Bound on one call of ``_rebuild`` (it may wait for the pipeline's own
-        rebuild, which gives up and undoes itself well before)."""
         self._call = probe
         self._lost: dict[str, float] = {}  # address -> when its loss was noticed (monotonic)
         self._seen_losses = 0
