@@ -90,6 +90,10 @@ class ActorCell:
         self._running: dict[Any, asyncio.Task[Any]] = {}
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._overflow: deque[tuple[Message, Any]] = deque()
+        # Idle workers wait on a future of their own, not in the mailbox's receive():
+        # anyio's receive records the waiting task (get_current_task) every time, an
+        # eighth of a busy scheduler's time. Whoever puts a message in wakes one.
+        self._idle: deque[asyncio.Future[None]] = deque()
         self._queued = 0  # in the mailbox or handed to a worker that has not taken it yet
         self._busy = 0    # handlers running (an async one may be suspended)
         self._inline = on_error != "restart"  # a restart must happen before what follows
@@ -162,8 +166,10 @@ class ActorCell:
             self._stop_info = info
         if not self._closing:
             self._closing = True
-            # Closing the last send half wakes an idle worker with EndOfStream.
+            # Closing the last send half ends the workers' loops (EndOfStream) once the
+            # mailbox is empty; idle ones look again now.
             self._send.close()
+            self._wake_all()
 
     def cancel(self) -> None:
         """Stop now, interrupting the message in progress (node shutdown past its grace)."""
@@ -222,6 +228,7 @@ class ActorCell:
         self._queued += 1
         try:
             self._send.send_nowait(msg)
+            self._wake_one()
             return
         except anyio.WouldBlock:
             pass
@@ -232,6 +239,7 @@ class ActorCell:
         try:
             with anyio.fail_after(timeout):
                 await self._send.send(msg)
+            self._wake_one()
         except TimeoutError:
             self._queued -= 1
             raise AskTimeout(
@@ -301,6 +309,7 @@ class ActorCell:
                 self._queued -= 1
                 raise self._stopped_error() from None
             else:
+                self._wake_one()
                 if ack is not None:
                     ack.set_result(None)
                 return
@@ -329,6 +338,7 @@ class ActorCell:
             msg, ack = overflow[0]
             try:
                 await self._send.send(msg)
+                self._wake_one()
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 error = self._stopped_error()
                 for msg, ack in overflow:
@@ -357,6 +367,22 @@ class ActorCell:
             self._abandoned.add(task)
             task.cancel()
 
+    def _wake_one(self) -> None:
+        """A message is in the mailbox: an idle worker takes it (a worker that finishes
+        a message first may take it instead: the woken one then waits again)."""
+        idle = self._idle
+        while idle:
+            fut = idle.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        while self._idle:
+            fut = self._idle.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
     async def _worker(self) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -364,6 +390,7 @@ class ActorCell:
         recv = self._recv
         methods = self.methods
         running = self._running
+        loop = self._loop
         try:
             while True:
                 try:
@@ -372,11 +399,14 @@ class ActorCell:
                     # Idle: keep nothing of the last message alive meanwhile (its tensors
                     # may be shared memory that their sender waits to reuse).
                     msg = args = kwargs = result = None  # type: ignore[assignment]
+                    wake: asyncio.Future[None] = loop.create_future()
+                    self._idle.append(wake)
                     try:
-                        msg = await recv.receive()
-                    except anyio.EndOfStream:
-                        return
-                except anyio.EndOfStream:
+                        await wake
+                    finally:
+                        wake.cancel()  # cancelled while idle: no wake-up is lost on it
+                    continue
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
                     return
                 method, args, kwargs, fut = msg
                 self._queued -= 1
