@@ -1,9 +1,19 @@
 """The batched calls of continuous batching: the rows of many generate requests through
 their replica's stages as one batch (a prefill call or a decode step), each row getting
-its own result or its own error."""
+its own result or its own error.
+
+A call is planned (``plan``: its replica's rows, its step id, where its rows run ahead
+from) when the loop takes its rows, and run after: a decode step that runs rows ahead
+goes out while the step it goes on from is still in flight. The last stage of each
+decode step hands its tokens to the first stage under an id reserved for the step
+that goes on from it (``Call.feed_to``), and that step takes the id, so a row run
+ahead always finds the token it goes on from. A reserved id no step took leaves one
+small tensor behind on the first stage, which its device drops after a while.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import anyio
@@ -15,12 +25,33 @@ from ._errors import PipelineError
 if TYPE_CHECKING:
     from ._scheduler import Scheduler
 
-__all__ = ["batched_call", "fail"]
+__all__ = ["Call", "fail", "plan", "run_calls"]
 
 
-async def batched_call(s: Scheduler, rows: list[Row], prefill: bool) -> None:
-    """One prefill call or decode step: the rows of each replica as one batch through
-    that replica's stages; each row gets its result or its own error."""
+class Call:
+    """One replica's batch of a prefill call or a decode step."""
+
+    __slots__ = ("after", "failed", "feed_to", "outcome", "prefill", "replica", "rows",
+                 "step")
+
+    def __init__(self, replica: int, rows: list[Row], prefill: bool, step: int,
+                 feed_to: int | None) -> None:
+        self.replica = replica
+        self.rows = rows
+        self.prefill = prefill
+        self.step = step
+        self.feed_to = feed_to  # the step id its tokens go to the first stage under
+        # The call whose tokens its rows run ahead from: it cannot run without them.
+        self.after: Call | None = None
+        self.failed = anyio.Event()  # set before the failure is mended
+        # Once over: None (it ran), or whether the failure left the pipeline whole.
+        self.outcome: asyncio.Future[bool | None] = \
+            asyncio.get_running_loop().create_future()
+
+
+def plan(s: Scheduler, rows: list[Row], prefill: bool) -> list[Call]:
+    """The calls of one prefill call or decode step, one per replica, with their step
+    ids; rows whose request is gone get their error here."""
     groups: dict[int, list[Row]] = {}
     for row in rows:
         if row.done.done():
@@ -28,67 +59,152 @@ async def batched_call(s: Scheduler, rows: list[Row], prefill: bool) -> None:
         try:
             pin = s._check_pin(row.cache)
         except PipelineError as exc:
-            row.done.set_exception(exc)
+            row.fail(exc)
             continue
         if pin is not None:
             groups.setdefault(pin.replica, []).append(row)
         elif prefill:  # a new request: its replica from now on
             groups.setdefault(s._replica_for(row.cache), []).append(row)
         else:
-            row.done.set_exception(LookupError(f"request {row.cache} was released"))
+            row.fail(LookupError(f"request {row.cache} was released"))
+    calls = []
+    for replica, group in groups.items():
+        # A step run ahead takes the id its tokens were sent to the first stage under.
+        sources = {id(row.feed_from.call): row.feed_from.call for row in group
+                   if row.feed_from is not None}
+        after: Call | None = None
+        if len(sources) == 1:
+            (after,) = sources.values()
+            if after.feed_to is None or after.replica != replica:
+                after = None
+        step = after.feed_to if after is not None and after.feed_to is not None \
+            else next(s._steps)
+        # Tokens for a next step to run ahead from, where one may (greedy rows).
+        feed_to = next(s._steps) if not prefill and s._decodes.ahead and \
+            any(row.greedy for row in group) else None
+        call = Call(replica, group, prefill, step, feed_to)
+        call.after = after
+        kept: list[Row] = []
+        for row in group:
+            if row.feed_from is not None and after is None:
+                # Never expected: it cannot get the token it goes on from.
+                error = PipelineError(f"request {row.cache} lost its place in the "
+                                      "running batch", 0, replica)
+                error.recovered = True
+                s._unpin(row.cache)
+                row.fail(error)
+                continue
+            row.index, row.call = len(kept), call
+            kept.append(row)
+        call.rows = kept
+        if kept:
+            calls.append(call)
+        else:
+            call.outcome.set_result(None)
+    return calls
+
+
+async def run_calls(s: Scheduler, calls: list[Call]) -> None:
+    """Run the planned calls of one prefill call or decode step (one per replica)."""
     async with anyio.create_task_group() as tg:
-        for replica, group in groups.items():
-            tg.start_soon(_batched_group, s, replica, group, prefill)
+        for call in calls:
+            tg.start_soon(_run, s, call)
 
 
-async def _batched_group(s: Scheduler, replica: int, rows: list[Row],
-                         prefill: bool) -> None:
+async def _run(s: Scheduler, call: Call) -> None:
+    try:
+        await _batched_group(s, call)
+    finally:
+        if not call.outcome.done():
+            call.outcome.set_result(None)
+
+
+async def _batched_group(s: Scheduler, call: Call) -> None:
+    rows, prefill = call.rows, call.prefill
     width = max(row.take for row in rows)
     # one tensor from lists: a copy per row costs a tenth of a millisecond a step
-    x = torch.tensor([row.chunk + [0] * (width - row.take) for row in rows],
-                     dtype=torch.int64)
+    x = torch.tensor([(row.chunk if row.feed_from is None else [0])
+                      + [0] * (width - row.take) for row in rows], dtype=torch.int64)
     lengths = [row.take for row in rows] if prefill else None
-    async with s._gate.hold(exclusive=False):
-        try:
-            out, errors = await s._infer(x, [row.cache for row in rows], replica,
-                                            [row.greedy for row in rows], lengths)
-        except PipelineError as exc:
-            failure = exc
+    feed = [-1 if row.feed_from is None else row.feed_from.index for row in rows] \
+        if call.after is not None else None
+    failure: PipelineError | None = None
+    with anyio.CancelScope() as scope:
+        if call.after is not None:
+            async with anyio.create_task_group() as tg:
+                # Without the step it goes on from, its first stage would wait forever.
+                tg.start_soon(_cancel_when_failed, call.after, scope)
+                failure = await _infer(s, call, x, lengths, feed)
+                tg.cancel_scope.cancel()
         else:
-            counts = s.batched["prefill" if prefill else "decode"]
-            counts["calls"] += 1
-            counts["rows"] += len(rows)
-            counts["max_rows"] = max(counts["max_rows"], len(rows))
-            tokens = out["tokens"].tolist()
-            logits = iter(out["logits"])
-            for i, row in enumerate(rows):
-                result = tokens[i] if row.greedy else next(logits)
-                if row.done.done():
-                    continue
-                if i in errors:
-                    row.done.set_exception(errors[i])
-                elif row.offset + row.take == len(row.tokens):  # else: more to come
-                    row.done.set_result(result)
+            failure = await _infer(s, call, x, lengths, feed)
+        if failure is None:
             return
+    if scope.cancelled_caught:  # the step it went on from failed: so does this one
+        assert call.after is not None
+        recovered = await call.after.outcome
+        error = PipelineError("the decode step this one went on from failed", 0,
+                              call.replica)
+        _fail_rows(s, call, error, bool(recovered))
+        return
+    assert failure is not None
+    call.failed.set()
     try:
         await s._mend(failure, 1)
     except PipelineError:
         recovered = False  # not a lost node: a stage raised for the whole batch
     else:
         recovered = True
-    for row in rows:
+    call.outcome.set_result(recovered)
+    _fail_rows(s, call, failure, recovered)
+
+
+async def _infer(s: Scheduler, call: Call, x: torch.Tensor, lengths: list[int] | None,
+                 feed: list[int] | None) -> PipelineError | None:
+    """The call through its replica: hands every row its result (or its own error);
+    returns the failure of the whole call."""
+    rows = call.rows
+    async with s._gate.hold(exclusive=False):
+        try:
+            out, errors = await s._infer(x, [row.cache for row in rows], call.replica,
+                                         [row.greedy for row in rows], lengths,
+                                         step=call.step, feed=feed, feed_to=call.feed_to)
+        except PipelineError as exc:
+            return exc
+    counts = s.batched["prefill" if call.prefill else "decode"]
+    counts["calls"] += 1
+    counts["rows"] += len(rows)
+    counts["max_rows"] = max(counts["max_rows"], len(rows))
+    counts["ahead_rows"] += 0 if feed is None else sum(f >= 0 for f in feed)
+    tokens = out["tokens"].tolist()
+    logits = iter(out["logits"])
+    for i, row in enumerate(rows):
+        result = tokens[i] if row.greedy else next(logits)
+        if row.done.done():
+            continue
+        if i in errors:
+            row.fail(errors[i])
+        elif row.offset + row.take == len(row.tokens) or row.feed_from is not None:
+            row.done.set_result(result)  # else: more of its prompt to come
+    return None
+
+
+async def _cancel_when_failed(source: Call, scope: anyio.CancelScope) -> None:
+    await source.failed.wait()
+    scope.cancel()
+
+
+def _fail_rows(s: Scheduler, call: Call, failure: PipelineError, recovered: bool) -> None:
+    for row in call.rows:
         error = PipelineError(str(failure), failure.stage, failure.replica)
         error.__cause__ = failure.__cause__
         if recovered:
             error.recovered = True
             s._unpin(row.cache)
-        if not row.done.done():
-            row.done.set_exception(error)
+        row.fail(error)
 
 
 def fail(rows: list[Row], error: BaseException) -> None:
     """Every row still waiting gets ``error``."""
     for row in rows:
-        if not row.done.done():
-            row.done.set_exception(error)
-
+        row.fail(error)

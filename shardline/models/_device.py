@@ -56,6 +56,10 @@ _NOBLOCK = int(zmq.NOBLOCK)
 # commit (so the deferred work falls in that step's bubbles), short enough that whoever
 # waits for it is not kept long.
 LATER_IDLE_S = 0.005
+# Inputs held for a step this many step ids older than the newest seen are dropped: no
+# step waits that long for one (a decode step takes the tokens run ahead for it within
+# a few steps), so what is left is a step that never came (its requests stopped).
+STALE_STEPS = 4096
 
 
 class Device:
@@ -81,6 +85,7 @@ class Device:
         self._parked: dict[Key, Callable[[], None]] = {}
         self._finished: set[int] = set()
         self._finished_order: deque[int] = deque()
+        self._newest = 0  # the newest step an input arrived for
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -117,6 +122,10 @@ class Device:
             if key[0] in self._finished:
                 return  # a late message for a step that failed or finished
             self._inbox[key] = (value, time.time())
+            if key[0] > self._newest:
+                self._newest = key[0]
+                if len(self._inbox) > 64:
+                    self._drop_stale()
             job = self._parked.pop(key, None)
             if job is not None:
                 self._jobs.append(job)
@@ -134,6 +143,12 @@ class Device:
                 del self._inbox[key]
             for key in [k for k in self._parked if k[0] == step]:
                 del self._parked[key]
+
+    def _drop_stale(self) -> None:
+        """(Under the lock.) Drop inputs of steps far older than the newest."""
+        oldest = self._newest - STALE_STEPS
+        for key in [k for k in self._inbox if k[0] < oldest]:
+            del self._inbox[key]
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread after its current job (blocking: call it off the loop)."""

@@ -82,7 +82,9 @@ class Pipeline:
                     check_finite: bool = False, wire_dtype: str | None = None) -> Pipeline:
         """Split ``model`` into stages, spawn a ``StageActor`` per device, connect them.
 
-        ``stages`` counts devices; with ``schedule="interleaved-1f1b"`` each device holds
+        ``stages`` counts devices (the layers split to balance the stages: an
+        ``nn.Module``'s by parameters, or layers with ``balance="layers"``, a
+        ``LayerSpec``'s by its ``costs``); with ``schedule="interleaved-1f1b"`` each device holds
         ``chunks`` stages. ``placement`` has one entry per device: ``"cpu"``/``"cuda:0"``
         (this process), a ``RemoteNode``, or ``(RemoteNode, "cuda:1")``; with
         ``replicas=R`` it is R such lists, one per copy of the pipeline (the batch is
@@ -136,7 +138,7 @@ class Pipeline:
             n_layers = model.n_layers
             layers: list[nn.Module] | None = None
             names = [str(i) for i in range(n_layers)]
-            weights = [1.0] * n_layers
+            weights = list(model.costs) if model.costs is not None else [1.0] * n_layers
         else:
             layers = _layers(model)
             n_layers = len(layers)
@@ -228,7 +230,9 @@ class Pipeline:
         """Steps done, the stable snapshot version, every recovery (what was lost, where
         its stages went, how long it took), the count of non-finite losses, and the
         batched ``generate`` calls (``"prefill"``, ``"decode"``: calls, rows,
-        max_rows)."""
+        max_rows, and ahead_rows: rows of decode steps that went out before the step
+        they go on from was back, their token handed from the last stage to the
+        first)."""
         result: dict[str, Any] = await self.scheduler.stats()
         return result
 
@@ -278,9 +282,9 @@ class Pipeline:
                                                            temperature == 0)
             return out
 
-        async def decode(token: int) -> torch.Tensor | int:
+        async def decode(token: int, more: bool) -> torch.Tensor | int:
             out: torch.Tensor | int = await self._schedule("decode", cache, token,
-                                                           temperature == 0)
+                                                           temperature == 0, more)
             return out
 
         async def forward(first: Callable[[], Awaitable[torch.Tensor | int]]
@@ -318,7 +322,10 @@ class Pipeline:
                 yield token
                 if token in stop or i + 1 == max_new_tokens:
                     break
-                logits = await forward(functools.partial(decode, token))
+                # Whether it asks for the token after the next one: the step for it
+                # may run ahead meanwhile.
+                logits = await forward(functools.partial(decode, token,
+                                                         i + 2 < max_new_tokens))
         finally:
             with anyio.CancelScope(shield=True):
                 await _quietly(self.scheduler.release(cache))

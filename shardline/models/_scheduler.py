@@ -32,8 +32,8 @@ import torch
 
 from .. import Actor, ActorError, ActorRef, ShardlineError
 from . import _tree
-from ._batched import batched_call, fail
-from ._batching import DecodeBatcher, PrefillQueue, Row
+from ._batched import Call, fail, plan, run_calls
+from ._batching import DecodeBatcher, Diverged, PrefillQueue, Row
 from ._errors import PipelineError, RecoveryFailed
 from ._fleet import Fleet
 from ._gate import StepGate
@@ -59,11 +59,19 @@ class Scheduler(Actor):
     join_wait_s = 0.002   # how long a decode step waits for the last one's rows
     prefill_chunk = 128   # the most tokens of one prompt a prefill call takes
     prefill_tokens = 1024  # the most tokens (rows x the longest) of a prefill call
-    # Decode steps in flight at once, each with its share of the requests. More than
-    # one keeps several devices busy at once, but each step reads every weight again:
-    # a gain only where a step's cost grows with its rows (large batches), a loss where
-    # reading the weights dominates (small decode batches, the usual case).
-    decode_groups = 1
+    # Chains of requests whose decode steps are in flight at once, each with its share
+    # of the requests (None: one per device of a replica, as vLLM's pipeline-parallel
+    # virtual engines). More than one keeps several devices busy at once, but each
+    # step reads every weight again, a step of a few rows is mostly per-call overhead
+    # (a chain needs ``decode_min_rows`` requests), and devices that share a host's
+    # cores gain nothing: two chains over two stage processes on a 2-core host ran at
+    # 0.9x of one (bench.generate). So one, unless the devices have compute of their
+    # own (GPUs, hosts).
+    decode_groups: int | None = 1
+    decode_min_rows = 8
+    # A greedy request's next decode step may go out while the one it goes on from is
+    # in flight, its input handed from the last stage to the first (``_batching``).
+    decode_ahead = True
 
     def __init__(self, fleet: Fleet, trace: bool = False, snapshot_every: int = 0,
                  probe_timeout: float = 2.0, max_recoveries: int = 8) -> None:
@@ -93,7 +101,7 @@ class Scheduler(Actor):
         self._decodes = DecodeBatcher(functools.partial(self._start_loop, "decode"),
                                       self.decode_rows, self.join_wait_s)
         self._loops: dict[str, str] = {}  # the id each queue's loop must be started with
-        self.batched = {q: {"calls": 0, "rows": 0, "max_rows": 0}
+        self.batched = {q: {"calls": 0, "rows": 0, "max_rows": 0, "ahead_rows": 0}
                         for q in ("prefill", "decode")}
         # An I whose gradient stays on its device runs with its W as one backward.
         self._programs = [_program(acts) for acts
@@ -327,17 +335,28 @@ class Scheduler(Actor):
             cache, [int(t) for t in tokens], bool(greedy))
         return result
 
-    async def decode(self, cache: str, token: int,
-                     greedy: bool = False) -> torch.Tensor | int:
+    async def decode(self, cache: str, token: int, greedy: bool = False,
+                     more: bool = True) -> torch.Tensor | int:
         """The logits (``[vocab]``) that follow ``token`` in request ``cache`` (whose
         earlier tokens went through ``prefill``), or with ``greedy`` their argmax: one
         row of the next decode step, which runs every request waiting for one as a
-        single batch. Errors as ``infer``'s for a call with ``cache``."""
+        single batch. ``more``: the caller will ask for the token after the one this
+        returns (unless it is a stop token); a greedy request that will may have that
+        step run ahead (``_batching``), so it must then go on from this call's result.
+        Errors as ``infer``'s for a call with ``cache``."""
         if self._check_pin(cache) is None:
             raise LookupError(f"request {cache} has no cached state: its prompt goes "
                               "through prefill first")
-        result: torch.Tensor | int = await self._decodes.submit(cache, [int(token)],
-                                                                bool(greedy))
+        try:
+            result: torch.Tensor | int = await self._decodes.submit(
+                cache, [int(token)], bool(greedy), bool(more))
+        except Diverged as exc:
+            # Its state on the stages went on from another token: only a replay helps.
+            pin = self._pins.get(cache)
+            self._unpin(cache)
+            error = PipelineError(str(exc), 0, pin.replica if pin is not None else 0)
+            error.recovered = True
+            raise error from None
         return result
 
     async def batch_loop(self, queue: str, loop_id: str) -> None:
@@ -350,11 +369,13 @@ class Scheduler(Actor):
         self._loops[queue] = ""  # this one runs: the id cannot start a second
         rows_of: PrefillQueue | DecodeBatcher = \
             self._prefills if queue == "prefill" else self._decodes
-        self._decodes.groups = self.decode_groups
+        self._decodes.groups = self.decode_groups or len(self.fleet.replica(0))
+        self._decodes.min_rows = self.decode_min_rows
+        self._decodes.ahead = self.decode_ahead
 
-        async def call(rows: list[Row]) -> None:
+        async def call(rows: list[Row], calls: list[Call]) -> None:
             try:
-                await batched_call(self, rows, rows_of is self._prefills)
+                await run_calls(self, calls)
             except Exception as exc:  # a bug: this call's requests fail, the others go on
                 log.exception("a batched %s call failed", queue)
                 fail(rows, exc)
@@ -370,10 +391,13 @@ class Scheduler(Actor):
                     rows = await rows_of.next_rows()
                     if not rows:
                         return
+                    # Planned here: a step run ahead takes the id the one it goes
+                    # on from reserved.
+                    calls = plan(self, rows, rows_of is self._prefills)
                     if rows_of is self._prefills:
-                        await call(rows)  # one at a time, between decode steps
+                        await call(rows, calls)  # one at a time, between decode steps
                     else:
-                        tg.start_soon(call, rows)
+                        tg.start_soon(call, rows, calls)
         except BaseException as exc:
             rows_of.fail_all(exc if isinstance(exc, Exception)
                              else PipelineError("the pipeline stopped", 0))
@@ -444,10 +468,13 @@ class Scheduler(Actor):
         return replica
 
     async def _infer(self, x: Any, cache: str | list[str] | None, r: int,
-                     greedy: list[bool] | None = None, lengths: list[int] | None = None
-                     ) -> tuple[Any, dict[int, PipelineError]]:
+                     greedy: list[bool] | None = None, lengths: list[int] | None = None,
+                     step: int | None = None, feed: list[int] | None = None,
+                     feed_to: int | None = None) -> tuple[Any, dict[int, PipelineError]]:
         """One forward pass on replica ``r``: the output, and for a batched call (a list
-        of cache ids, one per row: ``StageActor.run``) the rows that failed alone."""
+        of cache ids, one per row: ``StageActor.run``) the rows that failed alone.
+        ``step``: its id, when planned ahead; ``feed`` and ``feed_to`` as in
+        ``StageActor.run`` (for the first and the last stage)."""
         schedule = self.plan.schedule
         first = _tree.leaves(x)
         m = max(1, min(schedule.n_microbatches, first[0].shape[0] if first else 1))
@@ -457,7 +484,7 @@ class Scheduler(Actor):
         programs = [_program([a for a in acts if a.kind == "F" and a.mb < m])
                     for acts in schedule.actions]
         refs = self.fleet.replica(r)
-        step = next(self._steps)
+        step = next(self._steps) if step is None else step
         started = time.time()
         first_device = schedule.device_of(0)
         last_device = schedule.device_of(schedule.n_stages - 1)
@@ -468,7 +495,9 @@ class Scheduler(Actor):
             try:
                 results[d] = await ref.run(
                     step, programs[d], dict(enumerate(xs)) if d == first_device else None,
-                    None, False, m, self.tracing, cache, greedy, lengths)
+                    None, False, m, self.tracing, cache, greedy, lengths,
+                    feed if d == first_device else None,
+                    feed_to if d == last_device else None)
             except Exception as exc:
                 if not failure:
                     failure.append(((r, d), exc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -26,28 +27,41 @@ class LayerSpec:
     ``fn(config, start, end)``; it returns an ``nn.Sequential`` of layers
     ``[start, end)``, and ``fn(config, 0, n_layers)`` is the whole model. ``weights``
     is an optional safetensors file (on the stage's node) with the whole model's
-    state dict; each stage reads only its own layers' keys.
+    state dict; each stage reads only its own layers' keys. ``costs`` (one positive
+    number per layer, ``None``: all equal) is the relative compute of each layer,
+    which ``Pipeline.start`` balances the stages by: a language model's embedding
+    table holds as many parameters as its head but costs a lookup.
     """
 
     factory: str
     config: dict[str, Any] = field(default_factory=dict)
     n_layers: int = 0
     weights: str | None = None
+    costs: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.factory:
             raise ValueError(f"factory must be 'pkg.module:function', got {self.factory!r}")
         if self.n_layers < 1:
             raise ValueError("n_layers must be >= 1")
+        if self.costs is not None:
+            costs = tuple(float(c) for c in self.costs)
+            if len(costs) != self.n_layers or not all(0 < c < math.inf for c in costs):
+                raise ValueError(f"costs must be {self.n_layers} positive numbers, one "
+                                 "per layer")
+            object.__setattr__(self, "costs", costs)
 
     def to_wire(self) -> dict[str, Any]:
         return {"factory": self.factory, "config": self.config, "n_layers": self.n_layers,
-                "weights": self.weights}
+                "weights": self.weights,
+                "costs": list(self.costs) if self.costs is not None else None}
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> LayerSpec:
+        costs = data.get("costs")
         return cls(str(data["factory"]), dict(data.get("config") or {}),
-                   int(data["n_layers"]), data.get("weights"))
+                   int(data["n_layers"]), data.get("weights"),
+                   tuple(costs) if costs is not None else None)
 
     def build(self, start: int, end: int, allow: Sequence[str] | None = None) -> nn.Sequential:
         fn = import_path(self.factory, allow)

@@ -183,7 +183,8 @@ class StageActor(StageState, Actor):
                   n_microbatches: int = 1, trace: bool = False,
                   cache: str | list[str] | None = None,
                   greedy: list[bool] | None = None,
-                  lengths: list[int] | None = None) -> dict[str, Any]:
+                  lengths: list[int] | None = None, feed: list[int] | None = None,
+                  feed_to: int | None = None) -> dict[str, Any]:
         """Execute this device's program for one step: ``actions`` are
         ``[stage, kind, microbatch]`` in order, kind ``F`` (forward), ``B`` (full
         backward), ``I`` (input gradient only) or ``W`` (weight gradient, after ``I``).
@@ -203,6 +204,10 @@ class StageActor(StageState, Actor):
         ``greedy`` (rows of a causal LM): the last stage's output is then
         ``{"tokens": argmax of every row's last logits, "logits": the last logits of
         the rows not greedy}``, so the logits of greedy rows never travel.
+        Decode steps run ahead (``_batching``): on the last stage, ``feed_to`` sends
+        those tokens straight to the first stage as the input of step ``feed_to``; on
+        the first stage, ``feed`` says, row by row, which of the tokens the step before
+        sent it is this row's input (its index; -1: the row's own in ``inputs``).
         """
         device = self.link
         loop = asyncio.get_running_loop()
@@ -213,6 +218,8 @@ class StageActor(StageState, Actor):
         program.cache = cache
         program.greedy = greedy
         program.lengths = lengths
+        program.feed = feed
+        program.feed_to = feed_to
         device.submit(functools.partial(self._drive, program))
         try:
             await program.done
@@ -303,7 +310,8 @@ class StageActor(StageState, Actor):
                 s, kind, mb = actions[program.pc]
                 final = sync is not None and program.final.get(s) == program.pc
                 value = None
-                if (kind == "F" and s > 0) or (kind in "BI" and s < last):
+                if (kind == "F" and (s > 0 or program.feed is not None)) or \
+                        (kind in "BI" and s < last):
                     got = device.take((program.step, "F" if kind == "F" else "B", s, mb),
                                       functools.partial(self._drive, program))
                     if got is None:
@@ -342,9 +350,11 @@ class StageActor(StageState, Actor):
         last = self.n_stages - 1
         if kind == "F":
             if s == 0:
-                value = program.inputs.get(mb)
+                fed, value = value, program.inputs.get(mb)
                 if value is None:
                     raise KeyError(f"stage 0 got no input for microbatch {mb}")
+                if program.feed is not None:
+                    value = _with_feed(value, program.feed, fed)
             value = _tree.map_tensors(value, _aligned)
             target = program.targets.get(mb) if s == last else None
             target = _tree.map_tensors(target, _aligned)
@@ -368,7 +378,9 @@ class StageActor(StageState, Actor):
                         self.replicas
                     program.saved[(s, mb)] = (x_leaves, loss)
                 elif program.greedy is not None:
-                    program.outputs[mb] = pick_tokens(y, program.greedy)
+                    picked = program.outputs[mb] = pick_tokens(y, program.greedy)
+                    if program.feed_to is not None:
+                        return 0, (program.feed_to, "F", 0, mb), picked["tokens"]
                 else:
                     program.outputs[mb] = y
             else:
@@ -555,6 +567,8 @@ class _Program:
         self.row_errors: dict[int, str] = {}  # decode step: rows that failed, and why
         self.greedy: list[bool] | None = None  # rows whose argmax is enough
         self.lengths: list[int] | None = None  # prefill call: real tokens of each row
+        self.feed: list[int] | None = None     # rows whose input the step before sent
+        self.feed_to: int | None = None        # the step this one's tokens go to
         self.done = done
         # per stage, the index of the action whose backward leaves its weight
         # gradients final (the last B or W): their all-reduce may start there
@@ -563,6 +577,21 @@ class _Program:
     def resolve(self, error: Exception | None) -> None:
         """From the device thread: the program finished (or failed with ``error``)."""
         settle(self.done.get_loop(), self.done, None, error)
+
+
+def _with_feed(ids: torch.Tensor, feed: list[int], fed: Any) -> torch.Tensor:
+    """The first stage's input ``[rows, 1]`` of a decode step run ahead: row ``i`` is
+    token ``feed[i]`` of ``fed`` (the tokens of the step before), or its own where
+    ``feed[i]`` is -1."""
+    if not isinstance(fed, torch.Tensor) or fed.dim() != 1 or \
+            max(feed) >= fed.shape[0] or len(feed) != ids.shape[0]:
+        raise ValueError("the tokens of the step before do not match this step's rows")
+    if feed == list(range(fed.shape[0])):  # the same rows go on: the usual step
+        return fed.to(ids.device, ids.dtype).reshape(-1, 1)
+    rows = [i for i, f in enumerate(feed) if f >= 0]
+    ids = ids.clone()
+    ids[rows, 0] = fed[[feed[i] for i in rows]].to(ids.device, ids.dtype)
+    return ids
 
 
 def _detached(y: Any) -> Any:

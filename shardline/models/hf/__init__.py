@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from .._spec import LayerSpec
-from ._build import FAMILIES, family_of, layers, n_layers, torch_dtype
+from ._build import FAMILIES, costs, family_of, layers, n_layers, torch_dtype
 from ._checkpoint import Checkpoint, CheckpointError
 from ._layers import Decoder, Embeddings, Head
 
@@ -32,7 +32,8 @@ def spec(path: str | os.PathLike[str], *, dtype: str | None = None) -> LayerSpec
     ``dtype`` ("bfloat16", "float32", ...) casts the weights as each stage loads them;
     ``None`` keeps the checkpoint's. The spec's config carries the model's
     ``eos_token_id`` (from ``generation_config.json``, else ``config.json``), where
-    ``Pipeline.generate`` stops.
+    ``Pipeline.generate`` stops, and each layer's cost per token, which the stages are
+    balanced by.
     """
     directory = Path(path).resolve()
     checkpoint = Checkpoint(directory)
@@ -41,4 +42,5 @@ def spec(path: str | os.PathLike[str], *, dtype: str | None = None) -> LayerSpec
     config = {"path": str(directory), "dtype": dtype,
               "model_type": str(checkpoint.config["model_type"]),
               "eos_token_id": checkpoint.eos_token_id}
-    return LayerSpec("shardline.models.hf:layers", config, n_layers(checkpoint.config))
+    return LayerSpec("shardline.models.hf:layers", config, n_layers(checkpoint.config),
+                     costs=costs(checkpoint.config))

@@ -15,7 +15,8 @@ from . import gpt2, llama
 from ._checkpoint import Checkpoint, CheckpointError
 from ._layers import Decoder, Head
 
-__all__ = ["FAMILIES", "family_of", "hf_config", "layers", "n_layers", "torch_dtype"]
+__all__ = ["FAMILIES", "costs", "family_of", "hf_config", "layers", "n_layers",
+           "torch_dtype"]
 
 log = logging.getLogger("shardline.models.hf")
 
@@ -37,6 +38,32 @@ def n_layers(config: dict[str, Any]) -> int:
         if key in config:
             return int(config[key]) + 2
     raise CheckpointError("config.json gives no num_hidden_layers")
+
+
+def costs(config: dict[str, Any]) -> tuple[float, ...]:
+    """Each stage layer's multiply-adds per token (from ``config.json``), which the
+    pipeline balances its stages by: the embeddings are a lookup however large their
+    table, a decoder layer its projections and MLP, the head a vocabulary-wide
+    matmul."""
+    family = family_of(config)
+
+    def get(*keys: str, default: int | None = None) -> int:
+        for key in keys:
+            if config.get(key) is not None:
+                return int(config[key])
+        if default is None:
+            raise CheckpointError(f"config.json gives none of {', '.join(keys)}")
+        return default
+
+    hidden = get("hidden_size", "n_embd")
+    heads = get("num_attention_heads", "n_head")
+    kv_heads = get("num_key_value_heads", default=heads)
+    inner = get("intermediate_size", "n_inner", default=4 * hidden)
+    head_dim = get("head_dim", default=hidden // heads)
+    decoder = (2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+               + family.MLP_MATRICES * hidden * inner)
+    vocab = get("vocab_size")
+    return (float(hidden), *[float(decoder)] * (n_layers(config) - 2), float(hidden * vocab))
 
 
 def hf_config(checkpoint: Checkpoint) -> Any:

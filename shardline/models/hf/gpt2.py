@@ -10,12 +10,14 @@ from torch import nn
 
 from ._layers import Embeddings, Head
 
-__all__ = ["BASE", "MODEL_TYPES", "TOKEN_EMBEDDING", "decoder", "embeddings", "head",
-           "rotary", "window"]
+__all__ = ["BASE", "MLP_MATRICES", "MODEL_TYPES", "TOKEN_EMBEDDING", "decoder",
+           "embeddings", "head", "rotary", "window"]
 
 MODEL_TYPES = ("gpt2",)
 BASE = "transformer."  # GPT2LMHeadModel's prefix; a bare GPT2Model's checkpoint has none
 TOKEN_EMBEDDING = "transformer.wte.weight"
+# Weight matrices of the MLP (for the cost of a layer: ``_build.costs``).
+MLP_MATRICES = 2
 
 
 def embeddings(cfg: Any) -> tuple[nn.Module, dict[str, str]]:

@@ -12,12 +12,14 @@ from torch import nn
 
 from ._layers import Embeddings, Head
 
-__all__ = ["BASE", "MODEL_TYPES", "TOKEN_EMBEDDING", "decoder", "embeddings", "head",
-           "rotary", "window"]
+__all__ = ["BASE", "MLP_MATRICES", "MODEL_TYPES", "TOKEN_EMBEDDING", "decoder",
+           "embeddings", "head", "rotary", "window"]
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 BASE = "model."
 TOKEN_EMBEDDING = "model.embed_tokens.weight"
+# Weight matrices of the MLP (for the cost of a layer: ``_build.costs``).
+MLP_MATRICES = 3
 
 _CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
