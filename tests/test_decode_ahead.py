@@ -5,6 +5,8 @@ stay those of one request at a time."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
 from typing import Any
 
 import anyio
@@ -282,4 +284,114 @@ async def test_rows_wait_for_claims_only_while_their_step_runs() -> None:
         batcher.leave("b")
         nxt[0].fail(LookupError("released"))
         batcher.finished(nxt)
+        tg.cancel_scope.cancel()
+
+
+async def test_a_request_that_joined_a_step_run_ahead_from_a_failed_one_is_replayed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step fails at its last stage for a request A; the step run ahead from it, which
+    X joined meanwhile, is given up too. A's error stands (a stage raised); X's says
+    its request can be replayed (``recovered``), since its state may be half updated."""
+    from shardline.models._stage import StageActor
+
+    original = StageActor._forward_rows
+    seen = {"A": 0}
+
+    def flaky(self: StageActor, stage: int, x: Any, cache_ids: list[str],
+              errors: dict[int, str], lengths: list[int] | None) -> Any:
+        if lengths is None and stage == self.n_stages - 1 and cache_ids == ["A"]:
+            seen["A"] += 1
+            if seen["A"] == 2:  # A's step run ahead: slow, then the stage raises
+                time.sleep(0.3)
+                raise RuntimeError("boom for A's batch")
+        return original(self, stage, x, cache_ids, errors, lengths)
+
+    monkeypatch.setattr(StageActor, "_forward_rows", flaky)
+    async with sl.Node() as node:
+        pipe = await Pipeline.start(node, gpt.spec(GPT), stages=2)
+        s = pipe.scheduler
+        try:
+            first_a = await s.prefill("A", [1, 2, 3], True)
+            first_x = await s.prefill("X", [4, 5], True)
+            second_a = await s.decode("A", first_a, True, True)  # the next runs ahead
+            out: dict[str, BaseException] = {}
+
+            async def decode(name: str, token: int) -> None:
+                with pytest.raises(sl.ActorError) as caught:
+                    await s.decode(name, token, True, True)
+                out[name] = caught.value.__cause__  # type: ignore[assignment]
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(decode, "X", first_x)  # joins while A's step is in flight
+                await anyio.sleep(0.05)
+                tg.start_soon(decode, "A", second_a)
+        finally:
+            await pipe.stop()
+    assert isinstance(out["A"], PipelineError) and not out["A"].recovered
+    assert "boom" in str(out["A"])
+    assert isinstance(out["X"], PipelineError) and out["X"].recovered
+
+
+async def test_memory_stays_flat_while_requests_keep_running_ahead() -> None:
+    """Rows and calls let go of the ones before them once their step is over: a
+    pipeline that never stops decoding does not keep every row it ever ran."""
+    from shardline.models._batched import Call
+    from shardline.models._batching import Row
+
+    def live() -> int:
+        gc.collect()
+        return sum(type(o) in (Row, Call) for o in gc.get_objects())
+
+    async with sl.Node() as node:
+        pipe = await Pipeline.start(node, gpt.spec(GPT), stages=2)
+        counts = []
+        try:
+            async def stream(i: int, started: anyio.Event) -> None:
+                n = 0
+                async for _ in pipe.generate([1 + i, 2], 30, eos_token_id=[]):
+                    n += 1
+                    if n == 15:
+                        started.set()  # the next request starts: decoding never pauses
+
+            async with anyio.create_task_group() as tg:
+                for i in range(9):
+                    started = anyio.Event()
+                    tg.start_soon(stream, i, started)
+                    await started.wait()
+                    counts.append(live())
+            ahead = (await pipe.stats())["decode"]["ahead_rows"]
+        finally:
+            await pipe.stop()
+    assert ahead > 100
+    assert max(counts) <= 12, counts
+
+
+async def test_a_released_request_is_not_waited_for() -> None:
+    """A request that stops (its EOS) never claims the row run ahead for it: the next
+    step does not wait for that claim."""
+    batcher = DecodeBatcher(_started, join_wait_s=10)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batcher.submit, "a", [1], True, True)
+        tg.start_soon(batcher.submit, "b", [1], True, True)
+        while batcher.waiting < 2:
+            await anyio.sleep(0.001)
+        step = await batcher.next_rows()
+        ahead = await batcher.next_rows()
+        for row in step:
+            row.done.set_result(2)
+        batcher.finished(step)
+        batcher.leave("b")  # b's EOS: it never claims
+        tg.start_soon(batcher.submit, "a", [2], True, True)
+        with anyio.fail_after(1):
+            nxt = await batcher.next_rows()  # while `ahead` is still in flight
+        assert [r.cache for r in nxt] == ["a"]
+        for row in ahead:  # a claimed its own: it gets its token; b's is dropped
+            if row.cache == "a":
+                row.done.set_result(3)
+            else:
+                row.fail(LookupError("released"))
+        nxt[0].fail(LookupError("released"))  # nobody claimed it
+        batcher.finished(ahead)
+        batcher.finished(nxt)
+        batcher.leave("a")
         tg.cancel_scope.cancel()

@@ -69,39 +69,47 @@ def plan(s: Scheduler, rows: list[Row], prefill: bool) -> list[Call]:
             row.fail(LookupError(f"request {row.cache} was released"))
     calls = []
     for replica, group in groups.items():
-        # A step run ahead takes the id its tokens were sent to the first stage under.
-        sources = {id(row.feed_from.call): row.feed_from.call for row in group
-                   if row.feed_from is not None}
-        after: Call | None = None
-        if len(sources) == 1:
-            (after,) = sources.values()
-            if after.feed_to is None or after.replica != replica:
-                after = None
-        step = after.feed_to if after is not None and after.feed_to is not None \
-            else next(s._steps)
-        # Tokens for a next step to run ahead from, where one may (greedy rows).
-        feed_to = next(s._steps) if not prefill and s._decodes.ahead and \
-            any(row.greedy for row in group) else None
-        call = Call(replica, group, prefill, step, feed_to)
-        call.after = after
-        kept: list[Row] = []
-        for row in group:
-            if row.feed_from is not None and after is None:
-                # Never expected: it cannot get the token it goes on from.
-                error = PipelineError(f"request {row.cache} lost its place in the "
-                                      "running batch", 0, replica)
-                error.recovered = True
-                s._unpin(row.cache)
-                row.fail(error)
-                continue
-            row.index, row.call = len(kept), call
-            kept.append(row)
-        call.rows = kept
-        if kept:
-            calls.append(call)
-        else:
-            call.outcome.set_result(None)
+        calls += _plan_group(s, replica, group, prefill)
     return calls
+
+
+def _plan_group(s: Scheduler, replica: int, group: list[Row],
+                prefill: bool) -> list[Call]:
+    # A step run ahead takes the id its tokens were sent to the first stage under, and
+    # depends on the call that sends them while that call runs.
+    fed = [row for row in group if row.feed_from is not None]
+    step: int | None = None
+    after: Call | None = None
+    if fed:
+        sources = [row.feed_from for row in fed if row.feed_from is not None]
+        ids = {source.feed_to for source in sources}
+        running = {id(source.call): source.call for source in sources
+                   if source.call is not None}
+        if len(ids) == 1 and None not in ids and len(running) <= 1 and \
+                all(not source.done.done() or source.succeeded() for source in sources):
+            (step,) = ids
+            after = next(iter(running.values()), None)
+            if after is not None and after.replica != replica:
+                step = after = None
+        if step is None:
+            for row in fed:  # never expected: it cannot get the token it goes on from
+                _fail_recovered(s, row, f"request {row.cache} lost its place in the "
+                                "running batch", replica)
+            group = [row for row in group if row.feed_from is None]
+            if not group:
+                return []
+    if step is None:
+        step = next(s._steps)
+    # Tokens for a next step to run ahead from, where one may: greedy rows only (a
+    # step that samples cannot run ahead), one of which goes on.
+    feed_to = next(s._steps) if not prefill and s._decodes.ahead and \
+        all(row.greedy for row in group) and \
+        any(row.more or not row.claimed for row in group) else None
+    call = Call(replica, group, prefill, step, feed_to)
+    call.after = after
+    for i, row in enumerate(group):
+        row.index, row.call, row.feed_to = i, call, feed_to
+    return [call]
 
 
 async def run_calls(s: Scheduler, calls: list[Call]) -> None:
@@ -114,9 +122,15 @@ async def run_calls(s: Scheduler, calls: list[Call]) -> None:
 async def _run(s: Scheduler, call: Call) -> None:
     try:
         await _batched_group(s, call)
+    except BaseException:
+        call.failed.set()  # whatever stopped it, what goes on from it cannot run
+        raise
     finally:
         if not call.outcome.done():
             call.outcome.set_result(None)
+        call.after = None
+        for row in call.rows:
+            row.forget()
 
 
 async def _batched_group(s: Scheduler, call: Call) -> None:
@@ -127,7 +141,7 @@ async def _batched_group(s: Scheduler, call: Call) -> None:
                       + [0] * (width - row.take) for row in rows], dtype=torch.int64)
     lengths = [row.take for row in rows] if prefill else None
     feed = [-1 if row.feed_from is None else row.feed_from.index for row in rows] \
-        if call.after is not None else None
+        if any(row.feed_from is not None for row in rows) else None
     failure: PipelineError | None = None
     with anyio.CancelScope() as scope:
         if call.after is not None:
@@ -140,23 +154,31 @@ async def _batched_group(s: Scheduler, call: Call) -> None:
             failure = await _infer(s, call, x, lengths, feed)
         if failure is None:
             return
+    call.failed.set()
     if scope.cancelled_caught:  # the step it went on from failed: so does this one
         assert call.after is not None
-        recovered = await call.after.outcome
+        source = await call.after.outcome
         error = PipelineError("the decode step this one went on from failed", 0,
                               call.replica)
-        _fail_rows(s, call, error, bool(recovered))
+        for row in rows:
+            # A row of its own (not run ahead) may have been half through the stages:
+            # its request is replayed.
+            _fail_with(s, row, error, bool(source) or row.feed_from is None)
+        call.outcome.set_result(bool(source))
         return
     assert failure is not None
-    call.failed.set()
-    try:
-        await s._mend(failure, 1)
-    except PipelineError:
-        recovered = False  # not a lost node: a stage raised for the whole batch
-    else:
+    if failure.recovered:  # nothing ran: the pipeline changed under the step
         recovered = True
+    else:
+        try:
+            await s._mend(failure, 1)
+        except PipelineError:
+            recovered = False  # not a lost node: a stage raised for the whole batch
+        else:
+            recovered = True
     call.outcome.set_result(recovered)
-    _fail_rows(s, call, failure, recovered)
+    for row in rows:
+        _fail_with(s, row, failure, recovered)
 
 
 async def _infer(s: Scheduler, call: Call, x: torch.Tensor, lengths: list[int] | None,
@@ -165,6 +187,12 @@ async def _infer(s: Scheduler, call: Call, x: torch.Tensor, lengths: list[int] |
     returns the failure of the whole call."""
     rows = call.rows
     async with s._gate.hold(exclusive=False):
+        if feed is not None:
+            try:  # a stage replaced since its tokens were sent (a heal): none will come
+                for row in rows:
+                    s._check_pin(row.cache)
+            except PipelineError as exc:
+                return exc
         try:
             out, errors = await s._infer(x, [row.cache for row in rows], call.replica,
                                          [row.greedy for row in rows], lengths,
@@ -194,14 +222,20 @@ async def _cancel_when_failed(source: Call, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
-def _fail_rows(s: Scheduler, call: Call, failure: PipelineError, recovered: bool) -> None:
-    for row in call.rows:
-        error = PipelineError(str(failure), failure.stage, failure.replica)
-        error.__cause__ = failure.__cause__
-        if recovered:
-            error.recovered = True
-            s._unpin(row.cache)
-        row.fail(error)
+def _fail_with(s: Scheduler, row: Row, failure: PipelineError, recovered: bool) -> None:
+    error = PipelineError(str(failure), failure.stage, failure.replica)
+    error.__cause__ = failure.__cause__
+    if recovered:
+        error.recovered = True
+        s._unpin(row.cache)
+    row.fail(error)
+
+
+def _fail_recovered(s: Scheduler, row: Row, message: str, replica: int) -> None:
+    error = PipelineError(message, 0, replica)
+    error.recovered = True
+    s._unpin(row.cache)
+    row.fail(error)
 
 
 def fail(rows: list[Row], error: BaseException) -> None:

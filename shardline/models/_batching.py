@@ -44,6 +44,10 @@ import anyio
 __all__ = ["DecodeBatcher", "Diverged", "PrefillQueue", "Row"]
 
 
+def _ok(done: asyncio.Future[Any]) -> bool:
+    return done.done() and not done.cancelled() and done.exception() is None
+
+
 class Diverged(ValueError):
     """A request asked to go on from another token than the one its step run ahead
     took: its state on the stages holds that step's token, so it cannot go on."""
@@ -54,8 +58,9 @@ class Row:
     pipeline, whether it only needs the argmax of its logits, and where the result
     goes."""
 
-    __slots__ = ("cache", "call", "chain", "claimed", "done", "feed_from", "greedy",
-                 "index", "more", "offset", "successor", "take", "tokens")
+    __slots__ = ("cache", "call", "chain", "claimed", "done", "feed_from", "feed_to",
+                 "greedy", "index", "more", "offset", "source", "successor", "take",
+                 "tokens")
 
     def __init__(self, cache: str, tokens: list[int], greedy: bool,
                  done: asyncio.Future[Any], more: bool = False,
@@ -67,18 +72,27 @@ class Row:
         self.offset = 0  # tokens already through the pipeline
         self.take = 0    # tokens in the call it is in now
         self.more = more  # its caller will ask for the token after this one
-        # Run ahead: its input is that row's argmax, handed over by the stages.
+        # Run ahead: its input is that row's argmax, handed over by the stages. The
+        # links between rows and calls go once a call is over (``forget``): a running
+        # batch would otherwise keep every row and call it ever made.
         self.feed_from = feed_from
+        # ... whose result is this future's: what a claim must go on from.
+        self.source = feed_from.done if feed_from is not None else None
         self.claimed = feed_from is None  # a caller waits for its result
         self.successor: Row | None = None  # the row run ahead from this one
         self.index = -1    # its place in its replica's batch of the call
-        self.call: Any = None  # that batch (``_batched.Call``)
+        self.feed_to: int | None = None  # the step id its call sent its tokens under
+        self.call: Any = None  # that batch (``_batched.Call``), while it runs
         self.chain: Any = None  # the requests it goes from step to step with
 
     def succeeded(self) -> bool:
         """Its result is in, and is not an error."""
-        done = self.done
-        return done.done() and not done.cancelled() and done.exception() is None
+        return _ok(self.done)
+
+    def forget(self) -> None:
+        """Its call is over: drop the links to the rows and calls before it."""
+        self.feed_from = None
+        self.call = None
 
     def fail(self, error: BaseException) -> None:
         """Hand ``error`` to the caller, if it has not gone; a row run ahead that no
@@ -231,7 +245,6 @@ class DecodeBatcher(_Queue):
         self.ahead = ahead
         self.min_rows = min_rows
         self._chains: list[_Chain] = []
-        self._flying = 0                  # rows in steps in flight
         self._ahead: dict[str, Row] = {}  # rows run ahead that no caller claimed yet
         self._turn = 0                    # the chain the next pass looks at first
 
@@ -240,10 +253,10 @@ class DecodeBatcher(_Queue):
         row = self._ahead.pop(cache, None)
         if row is None:
             return await super().submit(cache, tokens, greedy, more)
-        source = row.feed_from
+        source = row.source
         assert source is not None
-        if len(tokens) != 1 or not greedy or not source.succeeded() or \
-                source.done.result() != tokens[0]:
+        if len(tokens) != 1 or not greedy or not _ok(source) or \
+                source.result() != tokens[0]:
             raise Diverged(f"request {cache} went on from token {tokens} where its "
                            "next step, already run, went on from its argmax")
         row.claimed, row.more = True, more
@@ -271,12 +284,11 @@ class DecodeBatcher(_Queue):
                 and row.cache not in self._pending
                 and (not row.done.done() or row.succeeded())]
 
-    @staticmethod
-    def _returning(chain: _Chain) -> bool:
+    def _returning(self, chain: _Chain) -> bool:
         """Whether rows of the chain's newest step are on their way back: run ahead,
-        the step before done, no claim from their caller yet."""
-        return any(not row.claimed and row.feed_from is not None and
-                   row.feed_from.succeeded() and row.feed_from.more for row in chain.last)
+        the step before done, no claim from their caller yet, not released."""
+        return any(not row.claimed and row.source is not None and _ok(row.source)
+                   and self._ahead.get(row.cache) is row for row in chain.last)
 
     async def next_rows(self) -> list[Row]:
         """The rows of the next step, in a chain of requests that go from step to step
@@ -344,8 +356,12 @@ class DecodeBatcher(_Queue):
         running = self._running()
         chains = max(len(self._chains), self._target())
         share = min(self.max_rows, -(-running // chains))
+        # Requests waiting to join get up to half the step, as they did when every
+        # request queued again after each step: a full batch that runs ahead must not
+        # keep the others out until one of its requests ends.
+        room = share - min(len(self._pending), share // 2)
         rows: list[Row] = []
-        for source in going_on[:self.max_rows]:
+        for source in going_on[:max(room, 1)]:
             row = Row(source.cache, [], True, asyncio.get_running_loop().create_future(),
                       feed_from=source)
             source.successor = self._ahead[source.cache] = row
@@ -359,13 +375,11 @@ class DecodeBatcher(_Queue):
         chain.expected.clear()
         chain.last = rows
         chain.flying += 1
-        self._flying += len(rows)
         return rows
 
     def finished(self, rows: list[Row]) -> None:
         """A step ended: the rows it served will likely be back for the next one (those
         run ahead by claiming that step, the others by asking again)."""
-        self._flying -= len(rows)
         if rows:
             chain: _Chain = rows[0].chain
             chain.flying -= 1
@@ -380,4 +394,3 @@ class DecodeBatcher(_Queue):
             row.fail(error)
         self._ahead.clear()
         self._chains = []
-        self._flying = 0

@@ -336,7 +336,7 @@ class Scheduler(Actor):
         return result
 
     async def decode(self, cache: str, token: int, greedy: bool = False,
-                     more: bool = True) -> torch.Tensor | int:
+                     more: bool = False) -> torch.Tensor | int:
         """The logits (``[vocab]``) that follow ``token`` in request ``cache`` (whose
         earlier tokens went through ``prefill``), or with ``greedy`` their argmax: one
         row of the next decode step, which runs every request waiting for one as a
