@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
+from anyio.abc import TaskGroup
 
 import shardline as sl
 from shardline.models import LayerSpec, Pipeline, PipelineError, gpt
@@ -259,16 +260,8 @@ async def test_rows_wait_for_claims_only_while_their_step_runs() -> None:
     batcher = DecodeBatcher(_started, join_wait_s=0.02)
     loop = asyncio.get_running_loop()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(batcher.submit, "a", [1], True, True)
-        tg.start_soon(batcher.submit, "b", [1], True, True)
-        while batcher.waiting < 2:
-            await anyio.sleep(0.001)
-        step = await batcher.next_rows()
-        ahead = await batcher.next_rows()
+        step, ahead = await _a_step_and_the_one_run_ahead(batcher, tg)
         assert [r.feed_from for r in ahead] == step
-        for row in step:
-            row.done.set_result(2)
-        batcher.finished(step)
         tg.start_soon(batcher.submit, "a", [2], True, True)  # b's caller is slow
         with anyio.move_on_after(0.1) as scope:
             await batcher.next_rows()
@@ -371,15 +364,7 @@ async def test_a_released_request_is_not_waited_for() -> None:
     step does not wait for that claim."""
     batcher = DecodeBatcher(_started, join_wait_s=10)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(batcher.submit, "a", [1], True, True)
-        tg.start_soon(batcher.submit, "b", [1], True, True)
-        while batcher.waiting < 2:
-            await anyio.sleep(0.001)
-        step = await batcher.next_rows()
-        ahead = await batcher.next_rows()
-        for row in step:
-            row.done.set_result(2)
-        batcher.finished(step)
+        _, ahead = await _a_step_and_the_one_run_ahead(batcher, tg)
         batcher.leave("b")  # b's EOS: it never claims
         tg.start_soon(batcher.submit, "a", [2], True, True)
         with anyio.fail_after(1):
@@ -395,3 +380,19 @@ async def test_a_released_request_is_not_waited_for() -> None:
         batcher.finished(nxt)
         batcher.leave("a")
         tg.cancel_scope.cancel()
+
+
+async def _a_step_and_the_one_run_ahead(batcher: DecodeBatcher, tg: TaskGroup
+                                        ) -> tuple[list[Any], list[Any]]:
+    """Greedy requests a and b in one step, the step run ahead from it, then the first
+    step back with token 2 for both."""
+    tg.start_soon(batcher.submit, "a", [1], True, True)
+    tg.start_soon(batcher.submit, "b", [1], True, True)
+    while batcher.waiting < 2:
+        await anyio.sleep(0.001)
+    step = await batcher.next_rows()
+    ahead = await batcher.next_rows()
+    for row in step:
+        row.done.set_result(2)
+    batcher.finished(step)
+    return step, ahead
