@@ -15,7 +15,7 @@ import torch
 from anyio.abc import TaskGroup
 
 import shardline as sl
-from shardline.models import LayerSpec, Pipeline, PipelineError, gpt
+from shardline.models import LayerSpec, Pipeline, PipelineError, gpt, quantize
 from shardline.models._batching import DecodeBatcher, Diverged
 from shardline.models._device import STALE_STEPS, Device
 from shardline.models._rows import pick_tokens
@@ -146,10 +146,7 @@ async def test_rows_that_sample_or_end_do_not_run_ahead() -> None:
     for greedy_row, more in ((False, True), (True, False)):
         batcher = DecodeBatcher(_started)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(batcher.submit, "a", [1], greedy_row, more)
-            while batcher.waiting < 1:
-                await anyio.sleep(0.001)
-            step = await batcher.next_rows()
+            step = await _first_step(batcher, tg, greedy_row, more)
             with anyio.move_on_after(0.05) as scope:
                 await batcher.next_rows()  # only once its step is back
             assert scope.cancelled_caught
@@ -160,10 +157,7 @@ async def test_rows_that_sample_or_end_do_not_run_ahead() -> None:
 async def test_a_row_that_leaves_is_not_run_ahead_again() -> None:
     batcher = DecodeBatcher(_started)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(batcher.submit, "a", [1], True, True)
-        while batcher.waiting < 1:
-            await anyio.sleep(0.001)
-        step = await batcher.next_rows()
+        step = await _first_step(batcher, tg, True, True)
         ahead = await batcher.next_rows()
         batcher.leave("a")
         step[0].done.set_result(2)
@@ -221,9 +215,12 @@ def test_layer_costs_balance_the_stages_and_travel_with_the_spec() -> None:
 
 
 async def test_a_spec_with_costs_puts_the_heavy_layer_alone() -> None:
+    """Also once compressed: the compressed spec keeps the costs of the one it wraps."""
     base = gpt.spec(GPT)
     costs = (1.0, *[1.0] * GPT["blocks"], 100.0)
-    spec = LayerSpec(base.factory, base.config, base.n_layers, base.weights, costs)
+    spec = quantize(LayerSpec(base.factory, base.config, base.n_layers, base.weights,
+                              costs), "int8").model
+    assert spec.costs == costs
     async with sl.Node() as node:
         pipe = await Pipeline.start(node, spec, stages=2)
         try:
@@ -234,17 +231,15 @@ async def test_a_spec_with_costs_puts_the_heavy_layer_alone() -> None:
 
 
 async def test_a_step_run_ahead_from_a_failed_one_fails_as_it_did() -> None:
-    """A stage that raises for a whole decode step fails it; the step run ahead from it
-    is given up at once (its first stage would wait for tokens that never come)."""
+    """The last stage stops while a stream runs ahead: its step fails, and the step run
+    ahead from it is given up at once (its first stage would wait for tokens that never
+    come), so the stream ends with the error instead of hanging."""
     async with sl.Node() as node:
         pipe = await Pipeline.start(node, gpt.spec(GPT), stages=2)
         try:
             stream = pipe.generate([1, 2, 3], 30, eos_token_id=[])
             assert len([await anext(stream) for _ in range(3)]) == 3
-            for dev in pipe.devices:
-                await dev.release("x")  # unrelated: no effect
-            # Stop the last stage's node-side actor: every later step fails.
-            await pipe.devices[1].stop()
+            await pipe.devices[1].stop()  # every later step fails
             with anyio.fail_after(30), pytest.raises((PipelineError, sl.ShardlineError)):
                 async for _ in stream:
                     pass
@@ -396,3 +391,12 @@ async def _a_step_and_the_one_run_ahead(batcher: DecodeBatcher, tg: TaskGroup
         row.done.set_result(2)
     batcher.finished(step)
     return step, ahead
+
+
+async def _first_step(batcher: DecodeBatcher, tg: TaskGroup, greedy: bool,
+                      more: bool) -> list[Any]:
+    """Request a's token 1 in the batcher's first step."""
+    tg.start_soon(batcher.submit, "a", [1], greedy, more)
+    while batcher.waiting < 1:
+        await anyio.sleep(0.001)
+    return await batcher.next_rows()

@@ -379,9 +379,7 @@ class ActorCell:
 
     def _wake_all(self) -> None:
         while self._idle:
-            fut = self._idle.popleft()
-            if not fut.done():
-                fut.set_result(None)
+            self._wake_one()
 
     async def _worker(self) -> None:
         task = asyncio.current_task()

@@ -93,8 +93,8 @@ def _plan_group(s: Scheduler, replica: int, group: list[Row],
                 step = after = None
         if step is None:
             for row in fed:  # never expected: it cannot get the token it goes on from
-                _fail_recovered(s, row, f"request {row.cache} lost its place in the "
-                                "running batch", replica)
+                _fail_with(s, row, PipelineError(f"request {row.cache} lost its place "
+                                                 "in the running batch", 0, replica), True)
             group = [row for row in group if row.feed_from is None]
             if not group:
                 return []
@@ -228,13 +228,6 @@ def _fail_with(s: Scheduler, row: Row, failure: PipelineError, recovered: bool) 
     if recovered:
         error.recovered = True
         s._unpin(row.cache)
-    row.fail(error)
-
-
-def _fail_recovered(s: Scheduler, row: Row, message: str, replica: int) -> None:
-    error = PipelineError(message, 0, replica)
-    error.recovered = True
-    s._unpin(row.cache)
     row.fail(error)
 
 

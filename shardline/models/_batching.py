@@ -280,7 +280,7 @@ class DecodeBatcher(_Queue):
         if not self.ahead or any(not row.greedy for row in chain.last):
             return []
         return [row for row in chain.last
-                if row.greedy and row.more and row.claimed and row.successor is None
+                if row.more and row.claimed and row.successor is None
                 and row.cache not in self._pending
                 and (not row.done.done() or row.succeeded())]
 

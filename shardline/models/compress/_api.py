@@ -125,7 +125,8 @@ def _compress_spec(spec: LayerSpec, step: Step, method: str,
     config: dict[str, Any] = {"spec": inner.to_wire(), "steps": steps}
     if "eos_token_id" in inner.config:  # Pipeline.generate reads it from the spec
         config["eos_token_id"] = inner.config["eos_token_id"]
-    out = LayerSpec(FACTORY, config, inner.n_layers)
+    # Compression scales every layer alike, so the balance of the stages holds.
+    out = LayerSpec(FACTORY, config, inner.n_layers, costs=inner.costs)
     # Bytes as the stages hold them, layer by layer so memory stays one layer's (a
     # tensor two stages hold, like tied embeddings and head, counts twice).
     before = after = found = 0
