@@ -286,13 +286,14 @@ async def test_a_request_that_joined_a_step_run_ahead_from_a_failed_one_is_repla
     seen = {"A": 0}
 
     def flaky(self: StageActor, stage: int, x: Any, cache_ids: list[str],
-              errors: dict[int, str], lengths: list[int] | None) -> Any:
+              errors: dict[int, str], lengths: list[int] | None,
+              greedy: list[bool] | None = None) -> Any:
         if lengths is None and stage == self.n_stages - 1 and cache_ids == ["A"]:
             seen["A"] += 1
             if seen["A"] == 2:  # A's step run ahead: slow, then the stage raises
                 time.sleep(0.3)
                 raise RuntimeError("boom for A's batch")
-        return original(self, stage, x, cache_ids, errors, lengths)
+        return original(self, stage, x, cache_ids, errors, lengths, greedy)
 
     monkeypatch.setattr(StageActor, "_forward_rows", flaky)
     async with sl.Node() as node:

@@ -34,6 +34,7 @@ from ._autograd import (
     check_finite,
 )
 from ._device import Device, Key
+from ._kvbatch import last_positions
 from ._rows import pick_tokens, run_rows
 from ._snapshot import Versions
 from ._spec import LayerSpec, import_path
@@ -134,6 +135,12 @@ class StageActor(StageState, Actor):
                 self.optimizer = opt_cls(params, **dict(kwargs or {}))
         loss = self._loss_spec
         self.loss_fn = import_path(loss, allow) if isinstance(loss, str) else loss
+        if self.optimizer is None:  # inference: an LM head readies its greedy picks
+            for chunk in self.chunks.values():
+                for layer in chunk.children():
+                    prepare = getattr(layer, "prepare_pick", None)
+                    if prepare is not None:
+                        prepare()
 
     def _parameters(self, stage: int | None = None) -> list[nn.Parameter]:
         stages = self.stages if stage is None else [stage]
@@ -361,8 +368,11 @@ class StageActor(StageState, Actor):
             x_leaves: list[torch.Tensor] = []
             loss: torch.Tensor | None = None
             cache = program.cache if not program.train else None
+            # Greedy rows of the last stage: their tokens, not their logits (``pick``)
+            greedy = program.greedy if s == last and not self.check_finite else None
             if isinstance(cache, list):
-                y = self._forward_rows(s, value, cache, program.row_errors, program.lengths)
+                y = self._forward_rows(s, value, cache, program.row_errors, program.lengths,
+                                       greedy)
             elif cache is not None:
                 y = self._forward_cached(s, value, cache)
             else:
@@ -378,7 +388,8 @@ class StageActor(StageState, Actor):
                         self.replicas
                     program.saved[(s, mb)] = (x_leaves, loss)
                 elif program.greedy is not None:
-                    picked = program.outputs[mb] = pick_tokens(y, program.greedy)
+                    picked = program.outputs[mb] = y if greedy is not None and \
+                        isinstance(cache, list) else pick_tokens(y, program.greedy)
                     if program.feed_to is not None:
                         return 0, (program.feed_to, "F", 0, mb), picked["tokens"]
                 else:
@@ -456,7 +467,8 @@ class StageActor(StageState, Actor):
         return x
 
     def _forward_rows(self, stage: int, x: Any, cache_ids: list[str],
-                      errors: dict[int, str], lengths: list[int] | None) -> Any:
+                      errors: dict[int, str], lengths: list[int] | None,
+                      greedy: list[bool] | None = None) -> Any:
         """Many requests at once: row ``i`` of ``x`` continues request ``cache_ids[i]``;
         a decode step (``lengths`` ``None``: one token per row, every state must exist)
         or a prefill call (row ``i`` brings ``lengths[i]`` tokens, the rest pads it; a
@@ -464,7 +476,8 @@ class StageActor(StageState, Actor):
         batch at once, others row by row (``run_rows``). A row whose state is missing
         here, or that makes a layer raise, fails alone (recorded in ``errors``; its
         output is zeros): one bad request must not fail the others it happens to share
-        a call with."""
+        a call with. With ``greedy`` (the last stage), the result is ``pick_tokens``'
+        of the logits, which a last layer with ``pick`` (an LM head) gives by itself."""
         now = time.monotonic()
         self._expire_caches()
         layers = list(self.chunks[stage].children())
@@ -487,9 +500,16 @@ class StageActor(StageState, Actor):
             rows.append(entry.layers.setdefault(stage, [{} for _ in layers]))
         if not good:
             raise LookupError("; ".join(errors[i] for i in sorted(errors)))
+        head = getattr(layers[-1], "pick", None) if greedy is not None else None
         with torch.inference_mode():
             x = _tree.map_tensors(x, lambda t: t.to(self.device))
-            return run_rows(layers, x, rows, good, errors, lengths)
+            if head is None:
+                y = run_rows(layers, x, rows, good, errors, lengths)
+                return y if greedy is None else pick_tokens(y, greedy)
+            # the head keeps no state: the rows before it as usual, then all at once
+            h = run_rows(layers[:-1], x, [row[:-1] for row in rows], good, errors, lengths)
+            picked: dict[str, torch.Tensor] = head(last_positions(h, lengths), greedy)
+            return picked
 
     def _gone(self, cache_id: str) -> str | None:
         """Why a request whose state this stage dropped cannot go on, or ``None``.

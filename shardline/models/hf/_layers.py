@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._greedy import Screen
 from .._kvbatch import (
     append_rows,
     history,
@@ -35,6 +36,7 @@ from .._kvbatch import (
     row_mask,
     row_positions,
 )
+from .._rows import pick_tokens
 
 __all__ = ["Decoder", "Embeddings", "Head", "causal_mask"]
 
@@ -160,6 +162,7 @@ class Head(nn.Module):
         super().__init__()
         self.norm = norm
         self.out = out
+        self.screen = Screen()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.out(self.norm(h))
@@ -176,6 +179,31 @@ class Head(nn.Module):
         weight = self.out.weight
         self.out.weight = nn.Parameter(weight.detach().t().contiguous().t(),
                                        requires_grad=weight.requires_grad)
+
+    def pick(self, h: torch.Tensor, greedy: list[bool]) -> dict[str, torch.Tensor]:
+        """``pick_tokens`` of this head's logits for the last positions ``h`` (``[rows,
+        1, hidden]``), without the fp32 logits of greedy rows where ``Screen`` finds
+        their argmax faster."""
+        if not self._screens() or all(not g for g in greedy):
+            return pick_tokens(self.forward(h), greedy)
+        x = self.norm(h)[:, -1]
+        tokens = self.screen.tokens(x, self.out.weight.t())
+        if tokens is None:
+            return pick_tokens(self.out(x).unsqueeze(1), greedy)
+        sampled = torch.tensor([i for i, g in enumerate(greedy) if not g],
+                               dtype=torch.int64, device=x.device)
+        return {"tokens": tokens, "logits": self.out(x[sampled])}
+
+    def prepare_pick(self) -> None:
+        """What ``pick`` needs, made now (a stage that will serve, once its layers are on
+        their device) rather than in the first request's time."""
+        if self._screens():
+            self.screen.prepare(self.out.weight.t())
+
+    def _screens(self) -> bool:
+        weight = self.out.weight
+        return type(self.out) is nn.Linear and self.out.bias is None and \
+            weight.dtype == torch.float32 and weight.device.type == "cpu"
 
     def forward_cached(self, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """Generation: the logits of the last position only (``[batch, 1, vocab]``),

@@ -1,0 +1,132 @@
+"""Greedy tokens from a vocabulary-wide fp32 LM head at about the cost of a bf16 matmul.
+
+A decode step of a small model on the CPU is mostly its head: ``[rows, hidden] @
+[hidden, vocab]`` in fp32 for every new token, of which greedy decoding keeps one
+argmax per row. ``Screen`` computes the head in bf16 (half the time or less where the
+CPU multiplies bf16 natively), bounds how far each bf16 logit can lie from the fp32
+one, and computes in fp32 only the columns whose bound reaches the row's best bf16
+logit: the argmax of those is the fp32 argmax, bar the last bits any two fp32 matmul
+kernels differ by (the same as ``transformers``' own head against ours).
+
+The bound, for a row ``x`` and a column ``w`` of the head, with ``x~ = bf16(x)``,
+``r = x - x~``, ``w~ = bf16(w)``, ``R = w - w~`` (all exact in fp32):
+``x.w - x~.w~ = x~.R + r.w``, at most ``|x~||R| + |r||w|`` (Cauchy-Schwarz); the bf16
+product sums in fp32 and the fp32 reference too, each at most ``g_K |x||w|`` off (any
+summation order of ``K`` terms, ``g_K = K u / (1 - K u)``); and rounding the bf16
+result moves it by at most ``2^-8 (1 + 2^-7) |a|``. ``e`` takes each term at its
+largest over the row's columns, with a margin. The fp32 argmax ``j*`` then has
+``a[j*] >= max(a) - 2e``: the candidates.
+
+It must also be faster, which depends on the CPU: the first calls of each ``Screen``
+run both ways on their real rows, check that the screen gives the fp32 tokens, and
+time both; the screen stays only where it took at most 0.8 of the fp32 time. Its bf16
+copy of the weight (half the fp32 bytes again) is made on first use, and again when
+the weight changes (training in between).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+__all__ = ["Screen"]
+
+_TRIALS = 3          # calls that run both ways before the screen is kept or dropped
+_FASTER = 0.8        # the screen's share of the fp32 time at most, to be kept
+_MARGIN = 1.25      # on the bound, for kernels a little worse than the model of them
+_WIDEST = 1 / 16     # candidate columns beyond this share of the vocabulary: fp32 instead
+
+
+class Screen:
+    """The greedy tokens of ``x @ weight_t`` (``weight_t``: ``[hidden, vocab]`` fp32 on
+    the CPU, the head's weight as it multiplies), for batches of at least
+    ``min_rows`` rows (below that the bf16 matmul is no faster)."""
+
+    def __init__(self, min_rows: int = 4) -> None:
+        self.min_rows = min_rows
+        self.enabled: bool | None = None  # None: still on trial
+        self._times: tuple[list[float], list[float]] = ([], [])
+        self._key: tuple[int, int] | None = None
+        self._bf16 = torch.empty(0, dtype=torch.bfloat16)
+        self._r_max = self._w_max = self._wb_max = 0.0
+
+    def tokens(self, x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor | None:
+        """Each row's argmax of ``x @ weight_t`` (``[rows]`` int64), or ``None`` where
+        the caller had better compute the fp32 logits itself."""
+        if self.enabled is False or x.shape[0] < self.min_rows or \
+                x.device.type != "cpu" or x.dtype != torch.float32 or \
+                weight_t.dtype != torch.float32 or weight_t.device.type != "cpu":
+            return None
+        self.prepare(weight_t)
+        if self.enabled:
+            return self._screened(x, weight_t)
+        t0 = time.perf_counter()
+        exact = torch.from_numpy(torch.mm(x, weight_t).numpy().argmax(1))
+        t1 = time.perf_counter()
+        screened = self._screened(x, weight_t)
+        t2 = time.perf_counter()
+        if screened is not None and not torch.equal(screened, exact):
+            self.enabled = False  # this CPU's bf16 kernel is not what the bound assumes
+            return exact
+        fp32, bf16 = self._times
+        fp32.append(t1 - t0)
+        bf16.append(t2 - t1)
+        if len(fp32) == _TRIALS:
+            self.enabled = statistics.median(bf16) <= _FASTER * statistics.median(fp32)
+        return exact
+
+    def prepare(self, weight_t: torch.Tensor) -> None:
+        """Make the bf16 copy of ``weight_t`` and its column norms, unless they are of
+        this very weight already (same storage, no in-place change since)."""
+        # An inference tensor keeps no version; weights made as such are not trained.
+        key = (weight_t.data_ptr(), -1 if weight_t.is_inference() else weight_t._version)
+        if key == self._key:
+            return
+        with torch.no_grad():
+            bf16 = weight_t.to(torch.bfloat16)
+            rounding = bf16.float().sub_(weight_t)
+            self._r_max = float(rounding.square_().sum(0).max()) ** 0.5
+            self._w_max = float((weight_t * weight_t).sum(0).max()) ** 0.5
+        # |bf16(w)| <= |w| + |w - bf16(w)|; column norms in fp32 are a few ulps off,
+        # which the margin covers
+        self._wb_max = self._w_max + self._r_max
+        self._bf16, self._key = bf16, key
+
+    def _screened(self, x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor | None:
+        xb = x.to(torch.bfloat16)
+        x_norm = torch.linalg.vector_norm(x, dim=1).numpy()
+        xb_norm = torch.linalg.vector_norm(xb.float(), dim=1).numpy()
+        r_norm = torch.linalg.vector_norm(x - xb.float(), dim=1).numpy()
+        if not (np.isfinite(x_norm).all() and np.isfinite(xb_norm).all()):
+            return None
+        a = torch.mm(xb, self._bf16).float().numpy()
+        top = a.max(1)
+        biggest = np.maximum(top, -a.min(1))
+        if not np.isfinite(biggest).all():
+            return None
+        k = x.shape[1] * 2.0 ** -24
+        g = k / (1 - k)
+        e = _MARGIN * (xb_norm * self._r_max + r_norm * self._w_max
+                       + 2.0 ** -8 * (1 + 2.0 ** -7) * biggest
+                       + g * (xb_norm * self._wb_max + x_norm * self._w_max) + 1e-30)
+        candidate = a >= (top - 2 * e)[:, None]
+        tokens = a.argmax(1)
+        if np.count_nonzero(candidate) == a.shape[0]:  # one each: the bf16 argmax
+            return torch.from_numpy(tokens)
+        rows, columns = np.divmod(np.flatnonzero(candidate), a.shape[1])  # by row
+        several = np.flatnonzero(np.bincount(rows, minlength=a.shape[0]) > 1)
+        kept = np.isin(rows, several)
+        union, where = np.unique(columns[kept], return_inverse=True)
+        if len(union) > _WIDEST * a.shape[1]:
+            return None
+        exact = torch.mm(x[torch.from_numpy(several)],
+                         weight_t.index_select(1, torch.from_numpy(union))).numpy()
+        only = np.full(exact.shape, -np.inf, dtype=exact.dtype)
+        mine = np.searchsorted(several, rows[kept])
+        only[mine, where] = exact[mine, where]
+        # ascending columns: the first of equal maxima, as an argmax over all of them
+        tokens[several] = union[only.argmax(1)]
+        return torch.from_numpy(tokens)
