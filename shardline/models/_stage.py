@@ -476,8 +476,9 @@ class StageActor(StageState, Actor):
         batch at once, others row by row (``run_rows``). A row whose state is missing
         here, or that makes a layer raise, fails alone (recorded in ``errors``; its
         output is zeros): one bad request must not fail the others it happens to share
-        a call with. With ``greedy`` (the last stage), the result is ``pick_tokens``'
-        of the logits, which a last layer with ``pick`` (an LM head) gives by itself."""
+        a call with. With ``greedy`` (the last stage), the result is what
+        ``pick_tokens`` makes of the logits, which a last layer with ``pick`` (an LM
+        head) gives by itself."""
         now = time.monotonic()
         self._expire_caches()
         layers = list(self.chunks[stage].children())
