@@ -82,7 +82,60 @@ def test_what_it_cannot_screen_is_left_to_fp32() -> None:
     bad = x.clone()
     bad[2, 5] = float("nan")
     assert screen.tokens(bad, weight_t) is None
-    assert screen.tokens(x * 1e30, weight_t) is None  # norms overflow fp32
+    assert screen.tokens(x * 1e38, weight_t) is None  # |x||w| past fp32's largest
+    huge = weight_t.contiguous()
+    huge[0, 7] = 1e20  # its square overflows fp32: the bound must not turn NaN
+    got = screen.tokens(torch.eye(8, HIDDEN), huge)
+    assert got is None or torch.equal(got, torch.mm(torch.eye(8, HIDDEN), huge).argmax(1))
+    # a caller outside no_grad, with the head's weight a parameter
+    param = torch.nn.Parameter(weight_t.t().contiguous())
+    assert torch.equal(screened().tokens(x.requires_grad_(), param.t()),
+                       torch.mm(x, param.t()).argmax(1))
+
+
+def bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+def test_a_head_scaled_small_keeps_its_rounding_in_the_bound() -> None:
+    """Weights about 1e-21, where an fp32 square of a bf16 rounding error underflows:
+    column 1 wins in fp32 by 3%, yet its bf16 weights round down and column 0's up,
+    so that bf16 puts column 0 ahead by more than any bound without that rounding."""
+    gen = torch.Generator().manual_seed(1)
+    x = bf16(torch.randn(512, generator=gen)).expand(4, 512).contiguous()
+    c = bf16(torch.randn(512, generator=gen) * 1e-21)
+    c = c if float(c @ x[0]) > 0 else -c
+    side = torch.sign(x[0])
+
+    def ulp(v: torch.Tensor) -> torch.Tensor:  # a bf16 step at v
+        return torch.pow(2.0, torch.floor(torch.log2(v.abs())) - 7)
+
+    winner = c + side * 0.24 * ulp(c)  # bf16: c
+    lead = float((x[0] * side * 0.24 * ulp(c)).sum())
+    base, order, i = c.clone(), torch.argsort(-(x[0].abs() * ulp(c))), 0
+    while float(x[0] @ (base - c)) < lead:  # a bf16 base ahead of c by about `lead`
+        j = order[i % 512]
+        base[j] = bf16(base[j] + side[j] * ulp(base[j]))
+        i += 1
+    loser = base - side * 0.24 * ulp(base)  # bf16: base
+    weight_t = torch.zeros(64, 512)
+    weight_t[0], weight_t[1] = loser, winner
+    weight_t = weight_t.t()
+    assert torch.equal(torch.mm(x, weight_t).argmax(1), torch.ones(4, dtype=torch.int64))
+    assert torch.equal(screened().tokens(x, weight_t), torch.ones(4, dtype=torch.int64))
+
+
+def test_subnormal_inputs_the_bf16_kernel_reads_as_zero() -> None:
+    """Column 1's logit comes from subnormal features (the bf16 kernel takes them for
+    zero) times large weights, 255 times column 0's: the fp32 winner, or fp32's call."""
+    x = torch.full((8, 512), float(bf16(torch.tensor(1e-38))))
+    x[:, 0] = float(bf16(torch.tensor(2e-38)))
+    weight_t = torch.zeros(512, 64)
+    weight_t[0, 0] = weight_t[1:, 1] = 2.0 ** 56
+    want = torch.mm(x, weight_t).argmax(1)
+    assert torch.equal(want, torch.ones(8, dtype=torch.int64))
+    got = screened().tokens(x, weight_t)
+    assert got is None or torch.equal(got, want)
 
 
 def test_a_weight_changed_in_place_is_screened_afresh() -> None:
@@ -110,6 +163,33 @@ def test_the_trial_answers_exactly_then_decides(monkeypatch: pytest.MonkeyPatch,
     got = screen.tokens(x, weight_t)
     assert (got is None) is not keep
     assert got is None or torch.equal(got, torch.mm(x, weight_t).argmax(1))
+
+
+def next_token_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(180)
+async def test_a_fused_optimizer_step_is_screened_with_the_new_weights(
+        llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused optimizer writes the weights without bumping their versions, which is
+    how the screen learns its bf16 copy is stale: the stage bumps them. After a step,
+    concurrent streams (screened) still give the tokens they give alone (one row: too
+    few to screen)."""
+    monkeypatch.setattr(_greedy, "_FASTER", 1e9)
+    async with sl.Node() as node:
+        pipe = await Pipeline.start(node, hf.spec(llama), stages=2, microbatches=2,
+                                    loss_fn=next_token_loss,
+                                    optimizer=("torch.optim.AdamW",
+                                               {"lr": 0.05, "fused": True}))
+        try:
+            await same_tokens_alone_and_together(pipe, VOCAB)  # the trial; then kept
+            x = torch.randint(0, VOCAB, (4, 9), generator=torch.Generator().manual_seed(5))
+            await pipe.train_step(x[:, :-1], x[:, 1:])
+            await same_tokens_alone_and_together(pipe, VOCAB)
+        finally:
+            await pipe.stop()
 
 
 @pytest.fixture(scope="module")

@@ -269,6 +269,10 @@ class StageActor(StageState, Actor):
                         check_finite("weight gradient", s, None,
                                      (p.grad for p in self._parameters(s)))
                 self.optimizer.step()
+                # A fused optimizer writes the weights without bumping their versions,
+                # which is how a cache of a function of a weight (the LM head's bf16
+                # copy for greedy picks) learns that it changed
+                torch.autograd.graph.increment_version(self._parameters())
             self.version += 1
             t1 = time.time()
             if keep_from is not None:
