@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 import shardline as sl
 from shardline.models import Pipeline, _greedy, hf
@@ -146,6 +147,19 @@ def test_a_weight_changed_in_place_is_screened_afresh() -> None:
     with torch.no_grad():
         weight_t.mul_(-1)  # as an optimizer step would: in place
     assert torch.equal(screen.tokens(x, weight_t), torch.mm(x, weight_t).argmax(1))
+
+
+def test_another_parameter_on_the_same_memory_is_screened_afresh() -> None:
+    """A parameter that replaced the head's may sit in the old one's memory at the
+    same version: the screen tells them apart by the parameter itself."""
+    first = nn.Parameter(head_weight(0).t().contiguous())
+    screen = screened()
+    x = inputs(8, 4)[0]
+    assert torch.equal(screen.tokens(x, first.t(), first), torch.mm(x, first.t()).argmax(1))
+    second = nn.Parameter(first.data)  # same memory, and no version bump below
+    second.data.copy_(head_weight(1).t())
+    assert torch.equal(screen.tokens(x, second.t(), second),
+                       torch.mm(x, second.t()).argmax(1))
 
 
 @pytest.mark.parametrize("keep", [True, False])

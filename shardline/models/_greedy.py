@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -56,20 +57,23 @@ class Screen:
         self.min_rows = min_rows
         self.enabled: bool | None = None  # None: still on trial
         self._times: tuple[list[float], list[float]] = ([], [])
-        self._key: tuple[int, int] | None = None
+        self._key: tuple[int, int, tuple[int, ...]] | None = None
+        self._owner: weakref.ref[object] | None = None
         self._bf16 = torch.empty(0, dtype=torch.bfloat16)
         self._r_max = self._w_max = self._wb_max = 0.0
 
-    def tokens(self, x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor | None:
+    def tokens(self, x: torch.Tensor, weight_t: torch.Tensor,
+               owner: object | None = None) -> torch.Tensor | None:
         """Each row's argmax of ``x @ weight_t`` (``[rows]`` int64), or ``None`` where
-        the caller had better compute the fp32 logits itself."""
+        the caller had better compute the fp32 logits itself. ``owner``: the parameter
+        ``weight_t`` is a view of (``prepare``)."""
         if self.enabled is False or x.shape[0] < self.min_rows or \
                 x.device.type != "cpu" or x.dtype != torch.float32 or \
                 weight_t.dtype != torch.float32 or weight_t.device.type != "cpu":
             return None
         # what follows reads the tensors as numpy arrays, which refuses a part of a graph
         x, weight_t = x.detach(), weight_t.detach()
-        self.prepare(weight_t)
+        self.prepare(weight_t, owner)
         if self.enabled:
             return self._screened(x, weight_t)
         t0 = time.perf_counter()
@@ -87,12 +91,17 @@ class Screen:
             self.enabled = statistics.median(bf16) <= _FASTER * statistics.median(fp32)
         return exact
 
-    def prepare(self, weight_t: torch.Tensor) -> None:
+    def prepare(self, weight_t: torch.Tensor, owner: object | None = None) -> None:
         """Make the bf16 copy of ``weight_t`` and its column norms, unless they are of
-        this very weight already (same storage, no in-place change since)."""
-        # An inference tensor keeps no version; weights made as such are not trained.
-        key = (weight_t.data_ptr(), -1 if weight_t.is_inference() else weight_t._version)
-        if key == self._key:
+        this very weight already: the same ``owner`` object (a parameter replaced by
+        another may get the freed memory of the first), the same memory, and no
+        in-place change since. Writes through ``.data`` bump no version, so they go
+        unseen (as by autograd); so do those to an inference tensor, which keeps no
+        version (weights made as such are not trained)."""
+        key = (weight_t.data_ptr(), -1 if weight_t.is_inference() else weight_t._version,
+               (*weight_t.shape, *weight_t.stride()))
+        same_owner = (self._owner() if self._owner is not None else None) is owner
+        if key == self._key and same_owner:
             return
         r_max, w_max = [0.0], [0.0]
         with torch.no_grad():
@@ -106,6 +115,7 @@ class Screen:
         self._r_max, self._w_max = float(np.max(r_max)), float(np.max(w_max))
         self._wb_max = self._w_max + self._r_max  # |bf16(w)| <= |w| + |w - bf16(w)|
         self._bf16, self._key = bf16, key
+        self._owner = weakref.ref(owner) if owner is not None else None
 
     def _screened(self, x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor | None:
         xb = _flush_subnormals(x.to(torch.bfloat16))

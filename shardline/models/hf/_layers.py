@@ -187,7 +187,7 @@ class Head(nn.Module):
         if not self._screens() or all(not g for g in greedy):
             return pick_tokens(self.forward(h), greedy)
         x = self.norm(h)[:, -1]
-        tokens = self.screen.tokens(x, self.out.weight.t())
+        tokens = self.screen.tokens(x, self.out.weight.t(), self.out.weight)
         if tokens is None:
             return pick_tokens(self.out(x).unsqueeze(1), greedy)
         sampled = torch.tensor([i for i, g in enumerate(greedy) if not g],
@@ -198,7 +198,7 @@ class Head(nn.Module):
         """What ``pick`` needs, made now (a stage that will serve, once its layers are on
         their device) rather than in the first request's time."""
         if self._screens():
-            self.screen.prepare(self.out.weight.t())
+            self.screen.prepare(self.out.weight.t(), self.out.weight)
 
     def _screens(self) -> bool:
         weight = self.out.weight
