@@ -168,7 +168,7 @@ def test_the_trial_answers_exactly_then_decides(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(_greedy, "_FASTER", 1e9 if keep else 0.0)
     weight_t = head_weight()
     screen = Screen()
-    for seed in range(3):
+    for seed in range(_greedy._TRIALS):
         assert screen.enabled is None
         x = inputs(8, seed)[0]
         assert torch.equal(screen.tokens(x, weight_t), torch.mm(x, weight_t).argmax(1))

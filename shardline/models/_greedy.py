@@ -44,7 +44,7 @@ log = logging.getLogger("shardline.models")
 
 __all__ = ["Screen"]
 
-_TRIALS = 3          # calls that run both ways before the screen is kept or dropped
+_TRIALS = 5          # calls that run both ways before the screen is kept or dropped
 _FASTER = 0.9        # the screen's share of the fp32 time at most, to be kept
 _MARGIN = 1.25      # on the bound, for kernels a little worse than the model of them
 _WIDEST = 1 / 16     # candidate columns beyond this share of the vocabulary: fp32 instead
