@@ -124,7 +124,7 @@ class Device:
             self._inbox[key] = (value, time.time())
             if key[0] > self._newest:
                 self._newest = key[0]
-                if len(self._inbox) > 64:
+                if len(self._inbox) > 64:  # a step's usual few inputs are not worth a scan
                     self._drop_stale()
             job = self._parked.pop(key, None)
             if job is not None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import _tree
 
-__all__ = ["pick_tokens", "run_rows"]
+__all__ = ["pick_tokens", "row_argmax", "run_rows", "sampled_rows"]
 
 log = logging.getLogger("shardline.models")
 
@@ -60,12 +60,16 @@ def pick_tokens(logits: torch.Tensor, greedy: list[bool]) -> dict[str, torch.Ten
     row's argmax, and the last logits of the rows that sample (a vocabulary-wide row
     each: not worth sending for the others)."""
     last = logits[:, -1]
-    sampled = [i for i, g in enumerate(greedy) if not g]
-    return {"tokens": _argmax(last),
-            "logits": last[torch.tensor(sampled, dtype=torch.int64, device=last.device)]}
+    return {"tokens": row_argmax(last), "logits": sampled_rows(last, greedy)}
 
 
-def _argmax(x: torch.Tensor) -> torch.Tensor:
+def sampled_rows(x: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
+    """The rows of ``x`` whose request samples (is not ``greedy``)."""
+    return x[torch.tensor([i for i, g in enumerate(greedy) if not g], dtype=torch.int64,
+                          device=x.device)]
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` of ``[rows, vocab]`` logits. On the CPU, numpy's vectorized
     argmax takes a tenth of the time of torch's for a vocabulary-wide row (0.04 against
     0.4 ms for 16 rows of 32000), with the same answer: the first maximum, the first NaN

@@ -36,7 +36,7 @@ from .._kvbatch import (
     row_mask,
     row_positions,
 )
-from .._rows import pick_tokens
+from .._rows import pick_tokens, sampled_rows
 
 __all__ = ["Decoder", "Embeddings", "Head", "causal_mask"]
 
@@ -190,9 +190,7 @@ class Head(nn.Module):
         tokens = self.screen.tokens(x, self.out.weight.t(), self.out.weight)
         if tokens is None:
             return pick_tokens(self.out(x).unsqueeze(1), greedy)
-        sampled = torch.tensor([i for i, g in enumerate(greedy) if not g],
-                               dtype=torch.int64, device=x.device)
-        return {"tokens": tokens, "logits": self.out(x[sampled])}
+        return {"tokens": tokens, "logits": self.out(sampled_rows(x, greedy))}
 
     def prepare_pick(self) -> None:
         """What ``pick`` needs, made now (a stage that will serve, once its layers are on
